@@ -1,0 +1,1 @@
+//! The sync engine: actix actors and the host-facing handle (being built).

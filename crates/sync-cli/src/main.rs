@@ -1,0 +1,3 @@
+//! The `lsync` binary.
+
+fn main() {}

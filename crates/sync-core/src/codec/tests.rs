@@ -1,0 +1,445 @@
+//! Codec tests: property round-trips of every message and record batch,
+//! and a table of hostile inputs, each with its own error variant.
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use chrono::{DateTime, Utc};
+use proptest::prelude::*;
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::*;
+use crate::id::*;
+use crate::message::ErrorCode;
+use crate::model::{Entry, EntryKind, Location, Record};
+use crate::records::{BatchLimits, decode_records, encode_records};
+
+fn arb_uuid() -> impl Strategy<Value = uuid::Uuid> {
+    any::<[u8; 16]>().prop_map(uuid::Uuid::from_bytes)
+}
+
+fn arb_time() -> impl Strategy<Value = DateTime<Utc>> {
+    (-62_135_596_800_000_000i64..253_402_300_799_000_000i64)
+        .prop_map(crate::model::micros::from_micros)
+}
+
+fn arb_entry() -> impl Strategy<Value = Entry> {
+    (
+        (arb_uuid(), arb_uuid(), proptest::option::of(arb_uuid())),
+        ".{0,40}",
+        0u8..3,
+        any::<u64>(),
+        proptest::option::of(any::<u64>()),
+        (arb_time(), arb_time()),
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((id, loc, parent), name, kind, size, inode, (c, m), seq, deleted)| Entry {
+                id: EntryId(id),
+                location: LocationId(loc),
+                parent: parent.map(EntryId),
+                name,
+                kind: EntryKind::from_code(kind).unwrap(),
+                size,
+                inode,
+                created_at: c,
+                modified_at: m,
+                seq: Seq(seq),
+                deleted,
+            },
+        )
+}
+
+fn arb_location() -> impl Strategy<Value = Location> {
+    (
+        arb_uuid(),
+        arb_uuid(),
+        ".{0,30}",
+        ".{0,10}",
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(|(id, owner, path, name, seq, deleted)| Location {
+            id: LocationId(id),
+            owner: DeviceId(owner),
+            path,
+            name,
+            seq: Seq(seq),
+            deleted,
+        })
+}
+
+fn arb_record() -> impl Strategy<Value = Record> {
+    prop_oneof![
+        arb_entry().prop_map(Record::Entry),
+        arb_location().prop_map(Record::Location)
+    ]
+}
+
+fn arb_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::ProtocolMismatch),
+        Just(ErrorCode::LibraryMismatch),
+        Just(ErrorCode::IdentityMismatch),
+        Just(ErrorCode::Malformed),
+        Just(ErrorCode::Gap),
+        Just(ErrorCode::ForeignOwner),
+        Just(ErrorCode::WrongIndex),
+        Just(ErrorCode::BadSnapshot),
+        Just(ErrorCode::Unexpected),
+        Just(ErrorCode::Storage),
+        Just(ErrorCode::Shutdown),
+        Just(ErrorCode::Busy),
+    ]
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    let dev = || arb_uuid().prop_map(DeviceId);
+    prop_oneof![
+        (any::<u32>(), dev(), arb_uuid(), ".{0,20}").prop_map(|(protocol, device, l, name)| {
+            Message::Hello {
+                protocol,
+                device,
+                library: LibraryId(l),
+                name,
+            }
+        }),
+        proptest::collection::vec((dev(), any::<u64>(), any::<u64>()), 0..8).prop_map(|v| {
+            Message::Watermarks(
+                v.into_iter()
+                    .map(|(d, i, s)| (d, IndexId(i), Seq(s)))
+                    .collect(),
+            )
+        }),
+        (dev(), any::<u64>(), any::<u64>(), arb_record()).prop_map(|(owner, i, a, record)| {
+            Message::StateChange {
+                owner,
+                index_id: IndexId(i),
+                after: Seq(a),
+                record,
+            }
+        }),
+        (
+            arb_uuid(),
+            dev(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..3000)
+        )
+            .prop_map(|(t, owner, i, a, l, count, payload)| Message::StateBatch {
+                transfer: TransferId(t),
+                owner,
+                index_id: IndexId(i),
+                after: Seq(a),
+                last: Seq(l),
+                count,
+                payload,
+            }),
+        (arb_uuid(), any::<u64>()).prop_map(|(t, l)| Message::BatchAck {
+            transfer: TransferId(t),
+            last: Seq(l)
+        }),
+        (
+            dev(),
+            any::<u64>(),
+            proptest::option::of(arb_uuid()),
+            any::<u64>(),
+            any::<u64>(),
+            any::<i64>()
+        )
+            .prop_map(|(owner, i, loc, n, m, at)| Message::BulkIndexComplete {
+                owner,
+                index_id: IndexId(i),
+                location: loc.map(LocationId),
+                entry_count: n,
+                max_seq: Seq(m),
+                indexed_at: at,
+            }),
+        (
+            arb_uuid(),
+            dev(),
+            any::<u64>(),
+            proptest::option::of(arb_uuid()),
+            any::<u64>(),
+            any::<u32>()
+        )
+            .prop_map(|(t, owner, i, loc, a, m)| Message::FetchRequest {
+                transfer: TransferId(t),
+                owner,
+                index_id: IndexId(i),
+                location: loc.map(LocationId),
+                after: Seq(a),
+                max_batches: m,
+            }),
+        (
+            arb_uuid(),
+            dev(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(id, owner, i, m, e, b, c, hash)| Message::SnapshotOffer {
+                id: SnapshotId(id),
+                owner,
+                index_id: IndexId(i),
+                max_seq: Seq(m),
+                entries: e,
+                bytes: b,
+                chunks: c,
+                hash,
+            }),
+        (arb_uuid(), any::<u32>()).prop_map(|(id, f)| Message::SnapshotRequest {
+            id: SnapshotId(id),
+            from_chunk: f
+        }),
+        (
+            arb_uuid(),
+            any::<u32>(),
+            any::<[u8; 32]>(),
+            proptest::collection::vec(any::<u8>(), 0..2000)
+        )
+            .prop_map(|(id, index, hash, data)| Message::SnapshotChunk {
+                id: SnapshotId(id),
+                index,
+                hash,
+                data,
+            }),
+        (arb_code(), ".{0,40}").prop_map(|(code, message)| Message::Error { code, message }),
+        Just(Message::Keepalive),
+    ]
+}
+
+fn encode(msg: &Message) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::default().encode(msg, &mut buf).unwrap();
+    buf
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips(msg in arb_message()) {
+        let mut buf = encode(&msg);
+        let got = FrameCodec::default().decode(&mut buf).unwrap();
+        prop_assert_eq!(got, Some(msg));
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more(msg in arb_message(), cut in 0usize..64) {
+        let full = encode(&msg);
+        let cut = cut.min(full.len() - 1);
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&full[..cut]);
+        prop_assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(&full[cut..]);
+        prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(msg));
+    }
+
+    #[test]
+    fn record_batches_round_trip(records in proptest::collection::vec(arb_record(), 0..60)) {
+        let bytes = encode_records(&records);
+        let got = decode_records(&bytes, &BatchLimits::default()).unwrap();
+        // The layout keeps locations first, entries in their order.
+        let mut want: Vec<Record> =
+            records.iter().filter(|r| matches!(r, Record::Location(_))).cloned().collect();
+        want.extend(records.iter().filter(|r| matches!(r, Record::Entry(_))).cloned());
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        let _ = FrameCodec::default().decode(&mut buf);
+        let _ = decode_records(&bytes, &BatchLimits::default());
+    }
+}
+
+#[test]
+fn entries_sharing_parents_and_names_round_trip() {
+    let loc = LocationId::new_v7();
+    let root = EntryId::new_v7();
+    let mut records = Vec::new();
+    for i in 0..300u64 {
+        records.push(Record::Entry(Entry {
+            id: if i == 0 { root } else { EntryId::new_v7() },
+            location: loc,
+            parent: (i > 0).then_some(root),
+            name: format!("photo-{i:05}.jpg"),
+            kind: EntryKind::File,
+            size: i * 1000,
+            inode: Some(1000 + i),
+            created_at: crate::model::micros::from_micros(1_700_000_000_000_000 + i as i64),
+            modified_at: crate::model::micros::from_micros(1_700_000_000_000_000 - i as i64),
+            seq: Seq(i + 1),
+            deleted: false,
+        }));
+    }
+    let bytes = encode_records(&records);
+    assert!(bytes.len() < records.len() * 25, "{} bytes", bytes.len());
+    assert_eq!(
+        decode_records(&bytes, &BatchLimits::default()).unwrap(),
+        records
+    );
+}
+
+fn frame(len: u32, flags: u8, payload: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(&[flags]);
+    b.extend_from_slice(payload);
+    b
+}
+
+/// One hostile input, and whether the codec's error is the right variant.
+struct Hostile {
+    name: &'static str,
+    bytes: BytesMut,
+    eof: bool,
+    check: fn(&DecodeError) -> bool,
+}
+
+#[test]
+fn hostile_inputs_get_their_own_errors() {
+    let valid = encode(&Message::Keepalive);
+    let mut four_gib = vec![0xff, 0xff, 0xff, 0xff];
+    four_gib.extend_from_slice(&[0u8; 16]);
+    let cases = vec![
+        Hostile {
+            name: "oversized length header",
+            bytes: frame(u32::MAX, 0, &[]),
+            eof: false,
+            check: |e| matches!(e, DecodeError::FrameTooLarge { len, .. } if *len == u32::MAX as u64),
+        },
+        Hostile {
+            name: "lz4 block declaring 4 GiB",
+            bytes: frame(four_gib.len() as u32, FLAG_LZ4, &four_gib),
+            eof: false,
+            check: |e| matches!(e, DecodeError::DecompressedTooLarge { declared, .. } if *declared == u32::MAX as u64),
+        },
+        Hostile {
+            name: "truncated frame at end of stream",
+            bytes: BytesMut::from(&valid[..valid.len() - 1]),
+            eof: true,
+            check: |e| matches!(e, DecodeError::Truncated { .. }),
+        },
+        Hostile {
+            name: "truncated header at end of stream",
+            bytes: BytesMut::from(&[0u8, 0][..]),
+            eof: true,
+            check: |e| matches!(e, DecodeError::Truncated { have: 2, need: 5 }),
+        },
+        Hostile {
+            name: "unknown message tag",
+            bytes: frame(1, 0, &[Message::VARIANT_COUNT as u8]),
+            eof: false,
+            check: |e| matches!(e, DecodeError::UnknownTag(t) if *t == Message::VARIANT_COUNT),
+        },
+        Hostile {
+            name: "empty payload",
+            bytes: frame(0, 0, &[]),
+            eof: false,
+            check: |e| matches!(e, DecodeError::EmptyPayload),
+        },
+        Hostile {
+            name: "unknown flag bits",
+            bytes: frame(1, 0x80, &[11]),
+            eof: false,
+            check: |e| matches!(e, DecodeError::UnknownFlags(0x80)),
+        },
+        Hostile {
+            name: "corrupt lz4 block",
+            bytes: frame(8, FLAG_LZ4, &[100, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            eof: false,
+            check: |e| matches!(e, DecodeError::Lz4(_)),
+        },
+        Hostile {
+            name: "random bytes as a message",
+            bytes: frame(6, 0, &[0, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            eof: false,
+            check: |e| matches!(e, DecodeError::Malformed(_)),
+        },
+        Hostile {
+            name: "trailing bytes after a message",
+            bytes: frame(2, 0, &[11, 0]),
+            eof: false,
+            check: |e| matches!(e, DecodeError::Malformed(_)),
+        },
+    ];
+    for case in cases {
+        let mut codec = FrameCodec::default();
+        let mut buf = case.bytes;
+        let started = Instant::now();
+        let got = if case.eof {
+            codec.decode_eof(&mut buf)
+        } else {
+            codec.decode(&mut buf)
+        };
+        match got {
+            Err(e) => assert!((case.check)(&e), "{}: wrong error {e:?}", case.name),
+            Ok(m) => panic!("{}: accepted as {m:?}", case.name),
+        }
+        // Refusals happen on the header: no decompression, no big allocation.
+        assert!(started.elapsed() < Duration::from_secs(1), "{}", case.name);
+    }
+}
+
+#[test]
+fn oversized_header_reserves_nothing() {
+    let mut buf = frame(u32::MAX, 0, &[]);
+    let cap = buf.capacity();
+    assert!(FrameCodec::default().decode(&mut buf).is_err());
+    assert_eq!(buf.capacity(), cap);
+}
+
+#[test]
+fn encoder_refuses_oversized_frames() {
+    let codec = FrameCodec::new(Limits {
+        max_frame: 64,
+        ..Limits::default()
+    });
+    let fits = Message::Error {
+        code: ErrorCode::Malformed,
+        message: "x".repeat(40),
+    };
+    // Below the compression threshold, so 100 bytes stay 100 bytes.
+    let big = Message::Error {
+        code: ErrorCode::Malformed,
+        message: "x".repeat(100),
+    };
+    assert!(codec.encode_frame(&fits, &mut BytesMut::new()).is_ok());
+    assert!(matches!(
+        codec.encode_frame(&big, &mut BytesMut::new()),
+        Err(EncodeError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn compression_only_when_it_saves_space() {
+    let big = Message::Error {
+        code: ErrorCode::Malformed,
+        message: "a".repeat(10_000),
+    };
+    let buf = encode(&big);
+    assert_eq!(buf[4] & FLAG_LZ4, FLAG_LZ4);
+    assert!(buf.len() < 1000);
+    let small = encode(&Message::Keepalive);
+    assert_eq!(small[4], 0);
+    let noise: Vec<u8> = (0..4000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let batch = Message::SnapshotChunk {
+        id: SnapshotId::new_v7(),
+        index: 0,
+        hash: [0; 32],
+        data: noise,
+    };
+    let buf = encode(&batch);
+    let mut b = buf.clone();
+    assert_eq!(FrameCodec::default().decode(&mut b).unwrap(), Some(batch));
+}

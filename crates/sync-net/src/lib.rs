@@ -1,0 +1,1 @@
+//! Authenticated, encrypted peer connections (being built).

@@ -1,0 +1,1 @@
+//! The library on SQLite through sea-orm (being built).

@@ -1,0 +1,1 @@
+//! Workspace integration tests: one test binary, modules share the `harness`.
