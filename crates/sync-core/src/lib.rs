@@ -19,6 +19,7 @@ mod id;
 pub mod message;
 pub mod model;
 pub mod records;
+pub mod synthetic;
 mod strategy;
 
 pub use codec::{FrameCodec, Limits};
