@@ -1,1 +1,4 @@
 //! Workspace integration tests: one test binary, modules share the `harness`.
+
+mod harness;
+mod strategies;

@@ -1,1 +1,35 @@
-//! The sync engine: actix actors and the host-facing handle (being built).
+//! The sync engine: actix actors, the transfer supervisor, and the
+//! host-facing [`SyncEngine`] handle with its event bus.
+//!
+//! The host drives the engine with async methods and [`HostEvent`]s and
+//! watches it through [`SyncEvent`]s and tracing spans. Actors stay private:
+//!
+//! | actor | owns |
+//! |---|---|
+//! | `Indexer` | commits of this device's records |
+//! | `PeerSession` | one authenticated connection |
+//! | `BatchBroadcaster` | one outgoing transfer |
+//! | `BulkFetchJob` | everything received from one peer on one session |
+//! | `SnapshotExporter` | snapshot files and serving their chunks |
+//! | `TransferSupervisor` | strategy choice, restarts with backoff |
+#![warn(clippy::print_stdout)]
+
+mod broadcaster;
+mod bulk_fetch;
+mod config;
+mod engine;
+mod error;
+mod events;
+mod indexer;
+mod peer_session;
+mod shared;
+mod snapshot_exporter;
+mod supervisor;
+
+pub use config::{EngineConfig, Faults};
+pub use engine::{EngineStatus, SyncEngine, init_device};
+pub use error::EngineError;
+pub use events::{Direction, HostEvent, SyncEvent};
+pub use indexer::Progress;
+pub use indexer::walk::{IndexReport, plan_index};
+pub use supervisor::PeerStatus;

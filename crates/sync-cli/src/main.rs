@@ -1,3 +1,73 @@
-//! The `lsync` binary.
+//! `lsync`: the command-line face of the sync engine — demo, bench, and a
+//! device's lifecycle: init, id, trust, index, generate, serve, connect, status.
 
-fn main() {}
+mod bench;
+mod cli;
+mod demo;
+mod device;
+mod generate;
+mod progress;
+mod sync;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => fail(anyhow::anyhow!("cannot start the runtime: {e}")),
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        fail(e);
+    }
+}
+
+/// One clear line on stderr and a non-zero exit; no backtrace.
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("error: {e:#}");
+    std::process::exit(1);
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data = cli.data();
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+        Command::Init { name, library } => device::init(&data?, name, library).await,
+        Command::Id { json } => device::id(&data?, json),
+        Command::Trust {
+            fingerprint,
+            device,
+        } => device::trust(&data?, &fingerprint, device),
+        Command::Index { path, json } => device::index(&data?, &path, json).await,
+        Command::Generate {
+            entries,
+            seed,
+            json,
+        } => generate::run(&data?, entries, seed, json).await,
+        Command::Serve { listen } => sync::serve(&data?, &listen).await,
+        Command::Connect {
+            addr,
+            until_synced,
+            json,
+            timeout,
+        } => sync::connect(&data?, &addr, until_synced, json, timeout).await,
+        Command::Status { json } => device::status(&data?, json).await,
+    }
+}

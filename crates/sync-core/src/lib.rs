@@ -19,8 +19,8 @@ mod id;
 pub mod message;
 pub mod model;
 pub mod records;
-pub mod synthetic;
 mod strategy;
+pub mod synthetic;
 
 pub use codec::{FrameCodec, Limits};
 pub use error::{DecodeError, EncodeError};

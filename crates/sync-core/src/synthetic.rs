@@ -10,15 +10,69 @@ use crate::id::{DeviceId, EntryId, LocationId, Seq};
 use crate::model::{Entry, EntryKind, Location, micros};
 
 const WORDS: &[&str] = &[
-    "alpha", "archive", "backup", "beach", "budget", "build", "camera", "client", "config",
-    "data", "design", "draft", "export", "family", "final", "holiday", "invoice", "landscape",
-    "meeting", "notes", "old", "party", "portrait", "project", "raw", "release", "report",
-    "scan", "screenshot", "shared", "summer", "test", "trip", "venue", "winter", "work",
+    "alpha",
+    "archive",
+    "backup",
+    "beach",
+    "budget",
+    "build",
+    "camera",
+    "client",
+    "config",
+    "data",
+    "design",
+    "draft",
+    "export",
+    "family",
+    "final",
+    "holiday",
+    "invoice",
+    "landscape",
+    "meeting",
+    "notes",
+    "old",
+    "party",
+    "portrait",
+    "project",
+    "raw",
+    "release",
+    "report",
+    "scan",
+    "screenshot",
+    "shared",
+    "summer",
+    "test",
+    "trip",
+    "venue",
+    "winter",
+    "work",
 ];
 const DIRS: &[&str] = &[
-    "Documents", "Photos", "Music", "Projects", "Downloads", "src", "assets", "2019", "2020",
-    "2021", "2022", "2023", "Camera Roll", "Invoices", "node_modules", "target", "lib",
-    "images", "docs", "tests", "Archive", "Videos", "Screenshots", "Scans", "Backups",
+    "Documents",
+    "Photos",
+    "Music",
+    "Projects",
+    "Downloads",
+    "src",
+    "assets",
+    "2019",
+    "2020",
+    "2021",
+    "2022",
+    "2023",
+    "Camera Roll",
+    "Invoices",
+    "node_modules",
+    "target",
+    "lib",
+    "images",
+    "docs",
+    "tests",
+    "Archive",
+    "Videos",
+    "Screenshots",
+    "Scans",
+    "Backups",
 ];
 
 /// A kind of file: a name pattern, an extension and a size range.
@@ -30,16 +84,66 @@ struct FileKind {
 }
 
 const FILE_KINDS: &[FileKind] = &[
-    FileKind { ext: "jpg", numbered: "IMG_", min_size: 3e5, max_size: 8e6 },
-    FileKind { ext: "png", numbered: "Screenshot ", min_size: 2e4, max_size: 3e6 },
-    FileKind { ext: "pdf", numbered: "", min_size: 3e4, max_size: 2e7 },
-    FileKind { ext: "rs", numbered: "", min_size: 2e2, max_size: 6e4 },
-    FileKind { ext: "js", numbered: "", min_size: 1e2, max_size: 2e5 },
-    FileKind { ext: "json", numbered: "", min_size: 5e1, max_size: 5e5 },
-    FileKind { ext: "mp3", numbered: "", min_size: 2e6, max_size: 1.2e7 },
-    FileKind { ext: "txt", numbered: "", min_size: 1e1, max_size: 1e5 },
-    FileKind { ext: "mov", numbered: "MOV_", min_size: 1e7, max_size: 2e9 },
-    FileKind { ext: "docx", numbered: "", min_size: 1e4, max_size: 5e6 },
+    FileKind {
+        ext: "jpg",
+        numbered: "IMG_",
+        min_size: 3e5,
+        max_size: 8e6,
+    },
+    FileKind {
+        ext: "png",
+        numbered: "Screenshot ",
+        min_size: 2e4,
+        max_size: 3e6,
+    },
+    FileKind {
+        ext: "pdf",
+        numbered: "",
+        min_size: 3e4,
+        max_size: 2e7,
+    },
+    FileKind {
+        ext: "rs",
+        numbered: "",
+        min_size: 2e2,
+        max_size: 6e4,
+    },
+    FileKind {
+        ext: "js",
+        numbered: "",
+        min_size: 1e2,
+        max_size: 2e5,
+    },
+    FileKind {
+        ext: "json",
+        numbered: "",
+        min_size: 5e1,
+        max_size: 5e5,
+    },
+    FileKind {
+        ext: "mp3",
+        numbered: "",
+        min_size: 2e6,
+        max_size: 1.2e7,
+    },
+    FileKind {
+        ext: "txt",
+        numbered: "",
+        min_size: 1e1,
+        max_size: 1e5,
+    },
+    FileKind {
+        ext: "mov",
+        numbered: "MOV_",
+        min_size: 1e7,
+        max_size: 2e9,
+    },
+    FileKind {
+        ext: "docx",
+        numbered: "",
+        min_size: 1e4,
+        max_size: 5e6,
+    },
 ];
 
 struct Frame {
@@ -176,7 +280,13 @@ impl Iterator for SyntheticTree {
         if !self.started {
             self.started = true;
             let time = 1_600_000_000_000_000 + self.rng.random_range(0..100_000_000_000_000i64);
-            let root = self.entry(None, format!("synthetic-{}", self.seed), EntryKind::Dir, 0, time);
+            let root = self.entry(
+                None,
+                format!("synthetic-{}", self.seed),
+                EntryKind::Dir,
+                0,
+                time,
+            );
             let frame = self.new_dir_frame(root.id, 0, time);
             self.stack.push(frame);
             return Some(root);
@@ -251,7 +361,11 @@ mod tests {
             if let Some(p) = e.parent {
                 assert!(seen.contains(&p), "parent after child");
             }
-            assert!(names.insert((e.parent, e.name.clone())), "duplicate {}", e.name);
+            assert!(
+                names.insert((e.parent, e.name.clone())),
+                "duplicate {}",
+                e.name
+            );
             seen.insert(e.id);
         }
         let depth_dirs = entries.iter().filter(|e| e.kind == EntryKind::Dir).count();
@@ -262,6 +376,10 @@ mod tests {
     fn ids_are_time_ordered() {
         let owner = DeviceId::new_v7();
         let entries: Vec<Entry> = SyntheticTree::new(owner, 5000, 3).collect();
-        assert!(entries.windows(2).all(|w| w[0].id.0.as_bytes()[..6] <= w[1].id.0.as_bytes()[..6]));
+        assert!(
+            entries
+                .windows(2)
+                .all(|w| w[0].id.0.as_bytes()[..6] <= w[1].id.0.as_bytes()[..6])
+        );
     }
 }

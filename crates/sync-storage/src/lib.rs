@@ -1,1 +1,356 @@
-//! The library on SQLite through sea-orm (being built).
+//! The library on SQLite through sea-orm: schema, migrations, bulk apply, snapshots.
+//!
+//! A [`Store`] holds one writer connection (every write is serialized
+//! through it, in transactions of at most 10K records) and a small pool of
+//! read connections (WAL lets readers run beside the writer). Records are
+//! upserted with multi-row statements and "higher seq wins", so applying a
+//! batch is idempotent and order-insensitive, and the owner's watermark
+//! moves in the same transaction as its rows.
+//!
+//! ```no_run
+//! # async fn demo() -> sync_storage::Result<()> {
+//! use sync_storage::Store;
+//! let store = Store::open(std::path::Path::new("/tmp/lib/library.db")).await?;
+//! let me = store.create_device("laptop", sync_core::LibraryId::new_v7()).await?;
+//! let summary = store.summary(me.device_id).await?;
+//! assert_eq!(summary.entries, 0);
+//! # Ok(()) }
+//! ```
+#![warn(clippy::print_stdout)]
+
+mod checkpoint;
+mod error;
+mod migration;
+mod read;
+mod rows;
+mod snapshot;
+mod types;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use sea_orm::sqlx::ConnectOptions as _;
+use sea_orm::sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sea_orm::{DatabaseConnection, SqlxSqliteConnector, Value};
+use sea_orm_migration::MigratorTrait;
+use sync_core::{DeviceId, IndexId, LibraryId, Seq, Watermark};
+use tracing::Instrument;
+
+pub use error::{Result, StorageError};
+pub use migration::Migrator;
+pub use snapshot::SnapshotDownload;
+pub use types::{
+    Checkpoint, ChunkInfo, DeviceInfo, Direction, LocalChange, OwnerSummary, SeqRange,
+    SnapshotManifest, SnapshotOfferInfo, TransferState,
+};
+
+use rows::{blob, col, exec, i2u, id16, query, query_one, u2i};
+
+/// Read connections in the pool (the machine class has 2 cores).
+const READ_POOL: u32 = 3;
+/// How long a connection waits on a lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The library database. Cheap to clone (an `Arc` inside), `Send + Sync`.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// One connection: every write goes through it, in order.
+    writer: DatabaseConnection,
+    /// A small pool of read-only connections.
+    reader: DatabaseConnection,
+    /// Held across multi-statement write work (transactions, ATTACH .. DETACH)
+    /// so nothing interleaves on the writer connection.
+    write_lock: tokio::sync::Mutex<()>,
+    db_path: PathBuf,
+    snapshots_dir: PathBuf,
+    incoming_dir: PathBuf,
+    /// The local device, once known (it never changes afterwards).
+    device: OnceLock<DeviceInfo>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("db_path", &self.inner.db_path)
+            .field("device", &self.inner.device.get().map(|d| d.device_id))
+            .finish()
+    }
+}
+
+/// What the library holds of one owner (`owner_state` row).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OwnerState {
+    pub(crate) local: bool,
+    pub(crate) watermark: Watermark,
+}
+
+/// Base connect options of the library file.
+fn connect_options(db_path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(db_path)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(false)
+        .statement_cache_capacity(256)
+        .disable_statement_logging()
+}
+
+impl Store {
+    /// Opens (creating if needed) the library at `db_path`: WAL,
+    /// `synchronous=NORMAL`, one writer connection plus a small read pool,
+    /// migrations run in a transaction. Snapshots live in `snapshots/` and
+    /// downloads in `incoming/` beside the file.
+    pub async fn open(db_path: &Path) -> Result<Store> {
+        let span = tracing::info_span!("store_open", path = %db_path.display());
+        async move {
+            let dir = match db_path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            tokio::fs::create_dir_all(&dir).await?;
+            let snapshots_dir = dir.join("snapshots");
+            let incoming_dir = dir.join("incoming");
+            tokio::fs::create_dir_all(&snapshots_dir).await?;
+            tokio::fs::create_dir_all(&incoming_dir).await?;
+
+            let writer_opts = connect_options(db_path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .pragma("cache_size", "-65536")
+                .pragma("temp_store", "MEMORY");
+            let writer_pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(writer_opts)
+                .await
+                .map_err(|e| sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))?;
+            let writer = SqlxSqliteConnector::from_sqlx_sqlite_pool(writer_pool);
+            Migrator::up(&writer, None).await?;
+
+            let reader_opts = connect_options(db_path)
+                .read_only(true)
+                .row_buffer_size(1024)
+                .pragma("cache_size", "-16384");
+            let reader_pool = SqlitePoolOptions::new()
+                .max_connections(READ_POOL)
+                .min_connections(0)
+                .connect_with(reader_opts)
+                .await
+                .map_err(|e| sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))?;
+            let reader = SqlxSqliteConnector::from_sqlx_sqlite_pool(reader_pool);
+
+            let store = Store {
+                inner: Arc::new(Inner {
+                    writer,
+                    reader,
+                    write_lock: tokio::sync::Mutex::new(()),
+                    db_path: db_path.to_path_buf(),
+                    snapshots_dir,
+                    incoming_dir,
+                    device: OnceLock::new(),
+                }),
+            };
+            if let Some(d) = store.load_device().await? {
+                let _ = store.inner.device.set(d);
+            }
+            tracing::debug!("library open");
+            Ok(store)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Closes the connections (the WAL is checkpointed when the writer closes).
+    pub async fn close(&self) {
+        self.inner.reader.close_by_ref().await.ok();
+        self.inner.writer.close_by_ref().await.ok();
+    }
+
+    /// The library file.
+    pub fn path(&self) -> &Path {
+        &self.inner.db_path
+    }
+
+    /// Where exported snapshot files are kept.
+    pub fn snapshots_dir(&self) -> &Path {
+        &self.inner.snapshots_dir
+    }
+
+    /// Where snapshot downloads are kept until imported.
+    pub fn incoming_dir(&self) -> &Path {
+        &self.inner.incoming_dir
+    }
+
+    async fn load_device(&self) -> Result<Option<DeviceInfo>> {
+        let row = query_one(
+            &self.inner.writer,
+            "SELECT id, library_id, name FROM device LIMIT 1",
+            vec![],
+        )
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some(DeviceInfo {
+                device_id: DeviceId::from_bytes(id16(&col::<Vec<u8>>(&row, 0)?)?),
+                library_id: LibraryId::from_bytes(id16(&col::<Vec<u8>>(&row, 1)?)?),
+                name: col(&row, 2)?,
+            })),
+        }
+    }
+
+    /// The local device, if created.
+    pub async fn device(&self) -> Result<Option<DeviceInfo>> {
+        if let Some(d) = self.inner.device.get() {
+            return Ok(Some(d.clone()));
+        }
+        self.load_device().await
+    }
+
+    /// The local device id, or `NotInitialized`.
+    pub(crate) fn local_id(&self) -> Result<DeviceId> {
+        self.inner
+            .device
+            .get()
+            .map(|d| d.device_id)
+            .ok_or(StorageError::NotInitialized)
+    }
+
+    /// Creates the local device (a new UUIDv7) in `library`, with its owner
+    /// state at a fresh random IndexId and seq 0. Refused if one exists.
+    pub async fn create_device(&self, name: &str, library: LibraryId) -> Result<DeviceInfo> {
+        let _guard = self.inner.write_lock.lock().await;
+        if let Some(d) = self.load_device().await? {
+            return Err(StorageError::AlreadyInitialized {
+                device: d.device_id,
+                name: d.name,
+            });
+        }
+        let info = DeviceInfo {
+            device_id: DeviceId::new_v7(),
+            library_id: library,
+            name: name.to_owned(),
+        };
+        let now = chrono::Utc::now().timestamp_micros();
+        let txn = sea_orm::TransactionTrait::begin(&self.inner.writer).await?;
+        exec(
+            &txn,
+            "INSERT INTO library (id, created_at) VALUES (?, ?) ON CONFLICT(id) DO NOTHING",
+            vec![blob(library.to_bytes()), now.into()],
+        )
+        .await?;
+        exec(
+            &txn,
+            "INSERT INTO device (id, library_id, name, created_at) VALUES (?, ?, ?, ?)",
+            vec![
+                blob(info.device_id.to_bytes()),
+                blob(library.to_bytes()),
+                name.into(),
+                now.into(),
+            ],
+        )
+        .await?;
+        // A row of this id held as a remote owner (impossible for a fresh v7 id) is replaced.
+        exec(
+            &txn,
+            "INSERT OR REPLACE INTO owner_state (owner, local, index_id, seq) VALUES (?, 1, ?, 0)",
+            vec![
+                blob(info.device_id.to_bytes()),
+                u2i(IndexId::random().0).into(),
+            ],
+        )
+        .await?;
+        txn.commit().await?;
+        let _ = self.inner.device.set(info.clone());
+        tracing::info!(device = %info.device_id.fmt_short(), "device created");
+        Ok(info)
+    }
+
+    /// This device's IndexId and max seq.
+    pub async fn local_watermark(&self) -> Result<Watermark> {
+        let me = self.local_id()?;
+        match owner_state(&self.inner.reader, me).await? {
+            Some(s) => Ok(s.watermark),
+            None => Err(StorageError::NotInitialized),
+        }
+    }
+
+    /// The held watermark of a remote owner (`None` if nothing is held);
+    /// for the local owner, [`Store::local_watermark`].
+    pub async fn watermark(&self, owner: DeviceId) -> Result<Option<Watermark>> {
+        Ok(owner_state(&self.inner.reader, owner)
+            .await?
+            .map(|s| s.watermark))
+    }
+
+    /// Every remote owner held, with its watermark, by owner id.
+    pub async fn watermarks(&self) -> Result<Vec<(DeviceId, Watermark)>> {
+        let rows = query(
+            &self.inner.reader,
+            "SELECT owner, index_id, seq FROM owner_state WHERE local = 0 ORDER BY owner",
+            vec![],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    DeviceId::from_bytes(id16(&col::<Vec<u8>>(row, 0)?)?),
+                    Watermark::new(IndexId(i2u(col(row, 1)?)), Seq(i2u(col(row, 2)?))),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// The `owner_state` row of `owner`, if any.
+pub(crate) async fn owner_state<C: sea_orm::ConnectionTrait>(
+    c: &C,
+    owner: DeviceId,
+) -> Result<Option<OwnerState>> {
+    let row = query_one(
+        c,
+        "SELECT local, index_id, seq FROM owner_state WHERE owner = ?",
+        vec![blob(owner.to_bytes())],
+    )
+    .await?;
+    match row {
+        None => Ok(None),
+        Some(row) => Ok(Some(OwnerState {
+            local: col(&row, 0)?,
+            watermark: Watermark::new(IndexId(i2u(col(&row, 1)?)), Seq(i2u(col(&row, 2)?))),
+        })),
+    }
+}
+
+/// Sets the watermark of a remote owner.
+pub(crate) async fn set_watermark<C: sea_orm::ConnectionTrait>(
+    c: &C,
+    owner: DeviceId,
+    w: Watermark,
+) -> Result<()> {
+    exec(
+        c,
+        "INSERT INTO owner_state (owner, local, index_id, seq) VALUES (?, 0, ?, ?) \
+         ON CONFLICT(owner) DO UPDATE SET index_id = excluded.index_id, seq = excluded.seq \
+         WHERE owner_state.local = 0",
+        vec![
+            blob(owner.to_bytes()),
+            Value::BigInt(Some(u2i(w.index_id.0))),
+            Value::BigInt(Some(u2i(w.seq.0))),
+        ],
+    )
+    .await?;
+    Ok(())
+}

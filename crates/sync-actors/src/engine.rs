@@ -1,0 +1,481 @@
+//! `SyncEngine`: the host-facing handle. Cloneable and `Send`, usable from
+//! any tokio runtime: the actix System runs on its own thread, and every
+//! method sends a typed message or spawns onto that thread and awaits the
+//! reply.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_rt::ArbiterHandle;
+use sync_core::{DeviceId, LibraryId, Watermark};
+use sync_net::{CertFingerprint, Connection, Identity, Listener, NetConfig, PeerInfo, TrustStore};
+use sync_storage::{DeviceInfo, LocalChange, OwnerSummary, SeqRange, Store};
+use tokio::sync::{broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::events::{HostEvent, SyncEvent};
+use crate::indexer::walk::IndexReport;
+use crate::indexer::{Commit, IndexPath, Indexer, Progress};
+use crate::peer_session::PeerSession;
+use crate::shared::{Shared, SharedRef};
+use crate::snapshot_exporter::SnapshotExporter;
+use crate::supervisor::{CloseAll, GetPeers, PeerStatus, Pump, TransferSupervisor};
+
+/// What `status()` reports.
+#[derive(Clone, Debug)]
+pub struct EngineStatus {
+    /// This device.
+    pub device_id: DeviceId,
+    /// The library.
+    pub library_id: LibraryId,
+    /// This device's sequence and max seq.
+    pub local: Watermark,
+    /// Every owner held: entries, tombstones, watermark, fingerprint.
+    pub owners: Vec<OwnerSummary>,
+    /// Connected peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+struct Actors {
+    shared: SharedRef,
+    supervisor: Addr<TransferSupervisor>,
+    exporter: Addr<SnapshotExporter>,
+    indexer: Addr<Indexer>,
+    arbiter: ArbiterHandle,
+    system: System,
+}
+
+struct Inner {
+    actors: Actors,
+    generation: Arc<AtomicU64>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The host's handle on a running engine.
+#[derive(Clone)]
+pub struct SyncEngine {
+    inner: Arc<Inner>,
+}
+
+/// Creates a device in `data_dir`: the library database, a new DeviceId, and
+/// its key and certificate. Returns the device and its certificate fingerprint.
+pub async fn init_device(
+    data_dir: &Path,
+    name: &str,
+    library: Option<LibraryId>,
+) -> Result<(DeviceInfo, CertFingerprint), EngineError> {
+    let config = EngineConfig::new(data_dir);
+    let store = Store::open(&config.db_path()).await?;
+    let device = match store.device().await? {
+        Some(d) => d,
+        None => {
+            store
+                .create_device(name, library.unwrap_or_else(LibraryId::new_v7))
+                .await?
+        }
+    };
+    let identity = Identity::load_or_create(&config.identity_dir(), device.device_id)?;
+    Ok((device, identity.fingerprint))
+}
+
+async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
+    let store = Store::open(&config.db_path()).await?;
+    let device = store
+        .device()
+        .await?
+        .ok_or_else(|| EngineError::NotInitialized(config.data_dir.display().to_string()))?;
+    let identity = Identity::load(&config.identity_dir())?;
+    let trust = TrustStore::load(&config.trust_path())?;
+    let net = NetConfig::new(
+        Arc::new(identity),
+        trust,
+        device.library_id,
+        device.name.clone(),
+    );
+    let (events, _) = broadcast::channel(4096);
+    let shared = Arc::new(Shared {
+        store,
+        device,
+        config,
+        net,
+        events,
+        shutdown: CancellationToken::new(),
+    });
+    let exporter = SnapshotExporter::new(shared.clone()).start();
+    let supervisor = TransferSupervisor::new(shared.clone(), exporter.clone()).start();
+    let indexer = Indexer::new(shared.clone(), supervisor.clone()).start();
+    Ok(Actors {
+        shared,
+        supervisor,
+        exporter,
+        indexer,
+        arbiter: Arbiter::current(),
+        system: System::current(),
+    })
+}
+
+impl SyncEngine {
+    /// Starts an engine for an initialized data directory, on its own thread.
+    pub async fn start(config: EngineConfig) -> Result<SyncEngine, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("sync-engine".into())
+            .spawn(move || {
+                // Not inside any tokio runtime: `System::new()` is safe here.
+                let system = System::new();
+                let ok = system.block_on(async move {
+                    let res = boot(config).await;
+                    let ok = res.is_ok();
+                    let _ = tx.send(res);
+                    ok
+                });
+                if ok {
+                    let _ = system.run();
+                }
+            })
+            .map_err(|e| EngineError::Thread(e.to_string()))?;
+        let actors = match rx.await {
+            Ok(Ok(actors)) => actors,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => return Err(EngineError::Thread("engine thread died at start".into())),
+        };
+        info!(device = %actors.shared.me().fmt_short(), "engine started");
+        Ok(SyncEngine {
+            inner: Arc::new(Inner {
+                actors,
+                generation: Arc::new(AtomicU64::new(1)),
+                thread: std::sync::Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    fn actors(&self) -> &Actors {
+        &self.inner.actors
+    }
+
+    /// This device.
+    pub fn device(&self) -> &DeviceInfo {
+        &self.actors().shared.device
+    }
+
+    /// This device's certificate fingerprint.
+    pub fn fingerprint(&self) -> CertFingerprint {
+        self.actors().shared.net.identity.fingerprint
+    }
+
+    /// The network configuration (identity, trust store, limits).
+    pub fn net_config(&self) -> NetConfig {
+        self.actors().shared.net.clone()
+    }
+
+    /// The library store (for reads by the host).
+    pub fn store(&self) -> Store {
+        self.actors().shared.store.clone()
+    }
+
+    /// Runs a future on the engine's thread and awaits its output.
+    async fn on_engine<F, T>(&self, fut: F) -> Result<T, EngineError>
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let spawned = self.actors().arbiter.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        if !spawned {
+            return Err(EngineError::Shutdown);
+        }
+        rx.await.map_err(|_| EngineError::Shutdown)
+    }
+
+    /// Accepts trusted peers on `addr` (e.g. `127.0.0.1:0`); returns the bound address.
+    pub async fn listen(&self, addr: &str) -> Result<SocketAddr, EngineError> {
+        let shared = self.actors().shared.clone();
+        let supervisor = self.actors().supervisor.clone();
+        let exporter = self.actors().exporter.clone();
+        let generation = self.inner.generation.clone();
+        let addr = addr.to_string();
+        self.on_engine(async move {
+            let listener = Listener::bind(&addr, shared.net.clone()).await?;
+            let local = listener.local_addr();
+            let span = info_span!("listen", addr = %local);
+            actix_rt::spawn(
+                async move {
+                    loop {
+                        tokio::select! {
+                            _ = shared.shutdown.cancelled() => break,
+                            res = listener.accept() => match res {
+                                Ok(conn) => {
+                                    start_session(&shared, &supervisor, &exporter, &generation, conn, None);
+                                }
+                                Err(e) => {
+                                    warn!(cause = %e, "accept failed");
+                                    shared.emit(SyncEvent::PeerRefused { addr: String::new(), cause: e.to_string() });
+                                }
+                            }
+                        }
+                    }
+                }
+                .instrument(span),
+            );
+            Ok::<_, EngineError>(local)
+        })
+        .await?
+    }
+
+    /// Dials a peer, starts a session, and keeps reconnecting (with backoff)
+    /// whenever the link drops, until shutdown. Transfers resume from the
+    /// peer's watermark on each new session.
+    pub async fn connect(&self, addr: &str) -> Result<PeerInfo, EngineError> {
+        let shared = self.actors().shared.clone();
+        let supervisor = self.actors().supervisor.clone();
+        let exporter = self.actors().exporter.clone();
+        let generation = self.inner.generation.clone();
+        let addr = addr.to_string();
+        self.on_engine(async move {
+            let conn = sync_net::dial(&addr, &shared.net).await?;
+            let info = conn.peer.clone();
+            let (tx, rx) = oneshot::channel();
+            start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
+            let span = info_span!("redial", addr = %addr);
+            actix_rt::spawn(
+                redial(shared, supervisor, exporter, generation, addr, rx).instrument(span),
+            );
+            Ok::<_, EngineError>(info)
+        })
+        .await?
+    }
+
+    /// Starts a session over an already authenticated connection (for
+    /// example an in-memory one). No reconnection: the caller owns the link.
+    /// The returned receiver hears when the session ends.
+    pub async fn attach(
+        &self,
+        conn: Connection,
+    ) -> Result<oneshot::Receiver<Option<String>>, EngineError> {
+        let shared = self.actors().shared.clone();
+        let supervisor = self.actors().supervisor.clone();
+        let exporter = self.actors().exporter.clone();
+        let generation = self.inner.generation.clone();
+        self.on_engine(async move {
+            let (tx, rx) = oneshot::channel();
+            start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
+            rx
+        })
+        .await
+    }
+
+    /// Commits changes of this device's own records (bulk, new seqs) and
+    /// starts transfers to connected peers.
+    pub async fn commit(&self, changes: Vec<LocalChange>) -> Result<SeqRange, EngineError> {
+        self.actors()
+            .indexer
+            .send(Commit(changes))
+            .await
+            .map_err(|_| EngineError::Shutdown)?
+    }
+
+    /// Walks a real folder into a location of this device (creates,
+    /// updates and deletes committed in bulk) and starts transfers.
+    pub async fn index(
+        &self,
+        path: &Path,
+        progress: Option<Progress>,
+    ) -> Result<IndexReport, EngineError> {
+        self.actors()
+            .indexer
+            .send(IndexPath {
+                path: path.to_path_buf(),
+                progress,
+            })
+            .await
+            .map_err(|_| EngineError::Shutdown)?
+    }
+
+    /// Tells the engine what the host did.
+    pub async fn publish(&self, event: HostEvent) -> Result<(), EngineError> {
+        match event {
+            HostEvent::EntriesCommitted { .. } | HostEvent::LocationIndexed { .. } => self
+                .actors()
+                .supervisor
+                .send(Pump(None))
+                .await
+                .map_err(|_| EngineError::Shutdown),
+            HostEvent::PeerAddressKnown { addr } => self.connect(&addr).await.map(|_| ()),
+        }
+    }
+
+    /// Sync events: connections, transfers, progress, imports.
+    pub fn subscribe(&self) -> broadcast::Receiver<SyncEvent> {
+        self.actors().shared.events.subscribe()
+    }
+
+    /// Connected peers and their transfers (cheap).
+    pub async fn peers(&self) -> Result<Vec<PeerStatus>, EngineError> {
+        self.actors()
+            .supervisor
+            .send(GetPeers)
+            .await
+            .map_err(|_| EngineError::Shutdown)
+    }
+
+    /// Everything: owners with fingerprints (reads every record) and peers.
+    pub async fn status(&self) -> Result<EngineStatus, EngineError> {
+        let store = self.store();
+        let local = store.local_watermark().await?;
+        let owners = store.summaries().await?;
+        Ok(EngineStatus {
+            device_id: self.device().device_id,
+            library_id: self.device().library_id,
+            local,
+            owners,
+            peers: self.peers().await?,
+        })
+    }
+
+    /// Whether this device and `peer` hold each other's records as far as
+    /// their last exchanged watermarks and acknowledgements show.
+    pub async fn synced_with(&self, peer: DeviceId) -> Result<bool, EngineError> {
+        let Some(p) = self.peers().await?.into_iter().find(|p| p.peer == peer) else {
+            return Ok(false);
+        };
+        let store = self.store();
+        let local = store.local_watermark().await?;
+        let they_hold_mine = local.seq.0 == 0
+            || p.holds_of_me
+                .is_some_and(|h| h.index_id == local.index_id && h.seq >= local.seq);
+        let i_hold_theirs = match p.advertised {
+            None => false,
+            Some(adv) if adv.seq.0 == 0 => true,
+            Some(adv) => store
+                .watermark(peer)
+                .await?
+                .is_some_and(|w| w.index_id == adv.index_id && w.seq >= adv.seq),
+        };
+        Ok(they_hold_mine && i_hold_theirs && p.outgoing.is_none())
+    }
+
+    /// Waits until `synced_with(peer)` holds, polling; `false` on timeout.
+    pub async fn wait_synced(
+        &self,
+        peer: DeviceId,
+        timeout: Duration,
+    ) -> Result<bool, EngineError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.synced_with(peer).await? {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops gracefully: no new connections, sessions finish the batches
+    /// they hold (commits are transactional; acks follow commits), then the
+    /// actix System stops and its thread is joined.
+    pub async fn shutdown(&self) -> Result<(), EngineError> {
+        let actors = self.actors();
+        actors.shared.shutdown.cancel();
+        if let Ok(n) = actors.supervisor.send(CloseAll).await
+            && n > 0
+        {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < deadline {
+                match self.peers().await {
+                    Ok(p) if p.is_empty() => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(_) => break,
+                }
+            }
+        }
+        actors.system.stop();
+        let thread = self.inner.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        info!("engine stopped");
+        Ok(())
+    }
+}
+
+/// Starts a `PeerSession` actor for a connection (on the engine thread).
+fn start_session(
+    shared: &SharedRef,
+    supervisor: &Addr<TransferSupervisor>,
+    exporter: &Addr<SnapshotExporter>,
+    generation: &AtomicU64,
+    conn: Connection,
+    on_close: Option<oneshot::Sender<Option<String>>>,
+) {
+    let (peer, reader, writer) = conn.split();
+    let generation = generation.fetch_add(1, Ordering::Relaxed);
+    PeerSession::new(
+        shared.clone(),
+        peer,
+        reader,
+        writer,
+        generation,
+        supervisor.clone(),
+        exporter.clone(),
+        on_close,
+    )
+    .start();
+}
+
+/// Keeps a dialed peer connected: after each session ends, dials again with
+/// exponential backoff until shutdown.
+async fn redial(
+    shared: SharedRef,
+    supervisor: Addr<TransferSupervisor>,
+    exporter: Addr<SnapshotExporter>,
+    generation: Arc<AtomicU64>,
+    addr: String,
+    mut closed: oneshot::Receiver<Option<String>>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = &mut closed => {}
+        }
+        loop {
+            attempt += 1;
+            let delay = shared.config.backoff(attempt);
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match sync_net::dial(&addr, &shared.net).await {
+                Ok(conn) => {
+                    info!(attempt, "reconnected");
+                    let (tx, rx) = oneshot::channel();
+                    start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
+                    closed = rx;
+                    attempt = 0;
+                    break;
+                }
+                Err(e) => {
+                    warn!(attempt, cause = %e, "reconnect failed");
+                    shared.emit(SyncEvent::PeerRefused {
+                        addr: addr.clone(),
+                        cause: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}

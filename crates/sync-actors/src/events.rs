@@ -1,0 +1,180 @@
+//! The event bus: `HostEvent`s in from the host, `SyncEvent`s out to observers.
+//! Data never travels on the bus, so an observer that lags loses nothing.
+
+use serde::Serialize;
+use sync_core::{DeviceId, LocationId, Seq, SnapshotId, Strategy, TransferId, Watermark};
+
+/// Which way a transfer moves records, seen from this device.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+pub enum Direction {
+    /// This device sends its own records.
+    Send,
+    /// This device receives a peer's records.
+    Receive,
+}
+
+impl From<Direction> for sync_storage::Direction {
+    fn from(d: Direction) -> Self {
+        match d {
+            Direction::Send => sync_storage::Direction::Send,
+            Direction::Receive => sync_storage::Direction::Receive,
+        }
+    }
+}
+
+/// What the host tells the engine.
+#[derive(Clone, Debug)]
+pub enum HostEvent {
+    /// The host committed entries of this device to the library itself.
+    EntriesCommitted {
+        /// The owner (this device).
+        owner: DeviceId,
+        /// The location, if one.
+        location: Option<LocationId>,
+        /// Records committed.
+        count: u64,
+        /// The owner's max seq afterwards.
+        max_seq: Seq,
+    },
+    /// The host finished indexing a location.
+    LocationIndexed {
+        /// The owner (this device).
+        owner: DeviceId,
+        /// The location.
+        location: LocationId,
+        /// Entries in the location.
+        entries: u64,
+        /// The owner's max seq afterwards.
+        max_seq: Seq,
+    },
+    /// A peer can be reached at this address: connect and keep reconnecting.
+    PeerAddressKnown {
+        /// `host:port`.
+        addr: String,
+    },
+}
+
+/// What the engine tells observers.
+#[derive(Clone, Debug, Serialize)]
+pub enum SyncEvent {
+    /// An authenticated session started.
+    PeerConnected {
+        /// The peer.
+        peer: DeviceId,
+        /// Its name.
+        name: String,
+        /// Its address.
+        addr: String,
+    },
+    /// A session ended.
+    PeerDisconnected {
+        /// The peer.
+        peer: DeviceId,
+        /// Why, if it was not a clean close.
+        cause: Option<String>,
+    },
+    /// A connection was refused (untrusted peer, bad hello, ...).
+    PeerRefused {
+        /// Address, when known.
+        addr: String,
+        /// Why.
+        cause: String,
+    },
+    /// This device committed its own records.
+    LocalCommitted {
+        /// The owner (this device).
+        owner: DeviceId,
+        /// First seq stamped.
+        first: Seq,
+        /// Last seq stamped.
+        last: Seq,
+    },
+    /// A transfer started.
+    TransferStarted {
+        /// Transfer id.
+        transfer: TransferId,
+        /// The peer.
+        peer: DeviceId,
+        /// Whose records.
+        owner: DeviceId,
+        /// Send or receive.
+        direction: Direction,
+        /// Chosen strategy.
+        strategy: Strategy,
+        /// Records (sender) or seqs (receiver) to move.
+        total: u64,
+    },
+    /// A transfer moved forward.
+    TransferProgress {
+        /// Transfer id.
+        transfer: TransferId,
+        /// The peer.
+        peer: DeviceId,
+        /// Whose records.
+        owner: DeviceId,
+        /// Send or receive.
+        direction: Direction,
+        /// Done so far (rising).
+        done: u64,
+        /// Total.
+        total: u64,
+        /// Payload bytes so far.
+        bytes: u64,
+    },
+    /// A transfer finished.
+    TransferCompleted {
+        /// Transfer id.
+        transfer: TransferId,
+        /// The peer.
+        peer: DeviceId,
+        /// Whose records.
+        owner: DeviceId,
+        /// Send or receive.
+        direction: Direction,
+        /// The strategy used.
+        strategy: Strategy,
+        /// Records moved.
+        records: u64,
+        /// Payload bytes moved.
+        bytes: u64,
+        /// Wall time.
+        seconds: f64,
+    },
+    /// A transfer failed.
+    TransferFailed {
+        /// Transfer id.
+        transfer: TransferId,
+        /// The peer.
+        peer: DeviceId,
+        /// Whose records.
+        owner: DeviceId,
+        /// Send or receive.
+        direction: Direction,
+        /// Whether the supervisor will restart it.
+        will_retry: bool,
+        /// Attempts so far.
+        attempt: u32,
+        /// Why.
+        cause: String,
+    },
+    /// Received records were committed (rows and watermark in one transaction).
+    Applied {
+        /// The peer they came from (their owner).
+        owner: DeviceId,
+        /// Records in the commit.
+        records: u64,
+        /// The watermark afterwards.
+        watermark: Watermark,
+    },
+    /// A snapshot was verified and imported.
+    SnapshotImported {
+        /// The peer it came from (its owner).
+        owner: DeviceId,
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// Records imported.
+        entries: u64,
+        /// The watermark afterwards.
+        watermark: Watermark,
+    },
+}

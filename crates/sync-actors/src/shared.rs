@@ -1,0 +1,49 @@
+//! State shared by every actor of one engine: the store, the device, the
+//! configuration, the event bus and the shutdown signal.
+
+use std::sync::Arc;
+
+use sync_core::{DeviceId, Message};
+use sync_net::NetConfig;
+use sync_storage::{DeviceInfo, Store};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::events::SyncEvent;
+
+/// Everything the actors of one engine share. Cheap to clone behind an `Arc`.
+pub(crate) struct Shared {
+    pub store: Store,
+    pub device: DeviceInfo,
+    pub config: EngineConfig,
+    pub net: NetConfig,
+    pub events: broadcast::Sender<SyncEvent>,
+    pub shutdown: CancellationToken,
+}
+
+pub(crate) type SharedRef = Arc<Shared>;
+
+impl Shared {
+    /// This device's id: the owner of its records.
+    pub fn me(&self) -> DeviceId {
+        self.device.device_id
+    }
+
+    /// Publishes an event; having no subscriber is fine.
+    pub fn emit(&self, event: SyncEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// The `Watermarks` message: this device's own sequence and max seq,
+    /// then what it holds of every remote owner.
+    pub async fn watermarks_message(&self) -> Result<Message, EngineError> {
+        let local = self.store.local_watermark().await?;
+        let mut list = vec![(self.me(), local.index_id, local.seq)];
+        for (owner, w) in self.store.watermarks().await? {
+            list.push((owner, w.index_id, w.seq));
+        }
+        Ok(Message::Watermarks(list))
+    }
+}

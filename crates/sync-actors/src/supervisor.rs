@@ -1,0 +1,838 @@
+//! `TransferSupervisor`: knows every session and every outgoing transfer.
+//! Chooses a strategy (sync-core's `choose_strategy`) on every connect and
+//! every commit, starts transfers, watches them — including panics, which
+//! actix's own `Supervisor` does not see — and restarts a failed transfer
+//! from the peer's last acknowledged batch with exponential backoff, giving
+//! up after `max_attempts` with a clear event. A lost link is resumed by the
+//! next session, from the watermark the peer reports.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sync_core::{
+    DeviceId, IndexId, Message as Wire, PeerHolding, Seq, Strategy, TransferId, Watermark,
+    choose_strategy,
+};
+use sync_net::{ConnWriter, PeerInfo};
+use sync_storage::{Checkpoint, TransferState};
+use tracing::{debug, info, warn};
+
+use crate::broadcaster::{BatchBroadcaster, Cancel, Control, Forward, Pace, Plan, Totals};
+use crate::error::EngineError;
+use crate::events::{Direction, SyncEvent};
+use crate::peer_session::{CloseSession, PeerSession};
+use crate::shared::SharedRef;
+use crate::snapshot_exporter::{Export, SnapshotExporter};
+
+/// How a transfer ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Completed(Totals),
+    Failed(String),
+    Panicked(String),
+}
+
+/// A session started (sent by `PeerSession`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct SessionOpened {
+    pub peer: PeerInfo,
+    pub generation: u64,
+    pub writer: ConnWriter,
+    pub session: Addr<PeerSession>,
+}
+
+/// A session ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct SessionClosed {
+    pub peer: DeviceId,
+    pub generation: u64,
+}
+
+/// The peer's `Watermarks`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct PeerWatermarks {
+    pub peer: DeviceId,
+    pub generation: u64,
+    pub holds_of_me: Option<Watermark>,
+    pub advertised: Option<Watermark>,
+}
+
+/// The peer acknowledged a batch or change.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct AckReceived {
+    pub peer: DeviceId,
+    pub generation: u64,
+    pub transfer: TransferId,
+    pub last: Seq,
+}
+
+/// The peer pulls (`FetchRequest`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct FetchReceived {
+    pub peer: DeviceId,
+    pub generation: u64,
+    pub transfer: TransferId,
+    pub index_id: IndexId,
+    pub after: Seq,
+    pub max_batches: u32,
+}
+
+/// Re-evaluate what to send (after a commit): one peer, or all.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Pump(pub Option<DeviceId>);
+
+/// An outgoing transfer ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct TransferEnded {
+    pub peer: DeviceId,
+    pub transfer: TransferId,
+    pub generation: u64,
+    pub outcome: Outcome,
+}
+
+/// Close every session (shutdown).
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub(crate) struct CloseAll;
+
+/// The state of every session.
+#[derive(Message)]
+#[rtype(result = "Vec<PeerStatus>")]
+pub(crate) struct GetPeers;
+
+/// One connected peer, as the engine sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerStatus {
+    /// The peer.
+    pub peer: DeviceId,
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub addr: String,
+    /// What it holds of this device's records (from its watermarks and acks).
+    pub holds_of_me: Option<Watermark>,
+    /// Its own sequence and max seq, as it last advertised.
+    pub advertised: Option<Watermark>,
+    /// The outgoing transfer, if one runs.
+    pub outgoing: Option<(TransferId, Strategy)>,
+    /// Frame bytes written to this peer on this session.
+    pub bytes_sent: u64,
+}
+
+enum OutKind {
+    Broadcast(Addr<BatchBroadcaster>, Pace),
+    Snapshot { max_seq: Seq, index_id: IndexId },
+}
+
+struct Outgoing {
+    transfer: TransferId,
+    strategy: Strategy,
+    kind: OutKind,
+    attempt: u32,
+    total: u64,
+    started: Instant,
+    started_at: DateTime<Utc>,
+}
+
+struct PeerState {
+    info: PeerInfo,
+    generation: u64,
+    writer: ConnWriter,
+    session: Option<Addr<PeerSession>>,
+    holds_of_me: Option<Watermark>,
+    advertised: Option<Watermark>,
+    watermarks_seen: bool,
+    outgoing: Option<Outgoing>,
+    pumping: bool,
+    waiting: bool,
+    repump: bool,
+}
+
+/// The supervisor actor.
+pub(crate) struct TransferSupervisor {
+    shared: SharedRef,
+    exporter: Addr<SnapshotExporter>,
+    peers: HashMap<DeviceId, PeerState>,
+    /// A failed transfer to resume, by peer: its id and attempts so far.
+    resume: HashMap<DeviceId, (TransferId, u32)>,
+}
+
+impl TransferSupervisor {
+    pub fn new(shared: SharedRef, exporter: Addr<SnapshotExporter>) -> Self {
+        TransferSupervisor {
+            shared,
+            exporter,
+            peers: HashMap::new(),
+            resume: HashMap::new(),
+        }
+    }
+
+    fn save_checkpoint(
+        shared: &SharedRef,
+        peer: DeviceId,
+        out: &Outgoing,
+        last: Seq,
+        state: TransferState,
+    ) {
+        let c = Checkpoint {
+            transfer: out.transfer,
+            peer,
+            owner: shared.me(),
+            direction: Direction::Send.into(),
+            strategy: out.strategy,
+            last_acked: last,
+            snapshot: None,
+            next_chunk: 0,
+            attempts: out.attempt,
+            state,
+            started_at: out.started_at,
+            updated_at: Utc::now(),
+        };
+        let store = shared.store.clone();
+        actix_rt::spawn(async move {
+            if let Err(e) = store.save_checkpoint(&c).await {
+                warn!(cause = %e, "checkpoint not saved");
+            }
+        });
+    }
+
+    fn pump(&mut self, peer: DeviceId, ctx: &mut Context<Self>) {
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if !st.watermarks_seen || st.outgoing.is_some() || st.pumping || st.waiting {
+            st.repump = true;
+            return;
+        }
+        st.pumping = true;
+        st.repump = false;
+        let holds = st.holds_of_me;
+        let generation = st.generation;
+        let shared = self.shared.clone();
+        ctx.spawn(
+            async move {
+                let local = shared.store.local_watermark().await?;
+                let holding = PeerHolding::from_watermark(holds, local.index_id);
+                let start = holding.seq();
+                let pending = if local.seq > start {
+                    shared.store.count_after(shared.me(), start).await?
+                } else {
+                    0
+                };
+                Ok::<_, EngineError>((local, holding, pending))
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                let Some(st) = act.peers.get_mut(&peer) else {
+                    return;
+                };
+                if st.generation != generation {
+                    return;
+                }
+                st.pumping = false;
+                match res {
+                    Err(e) => warn!(peer = %peer.fmt_short(), cause = %e, "cannot plan a transfer"),
+                    Ok((local, holding, pending)) => {
+                        let strategy =
+                            choose_strategy(holding, pending, &act.shared.config.thresholds);
+                        debug!(peer = %peer.fmt_short(), ?holding, pending, %strategy, "strategy chosen");
+                        match strategy {
+                            Strategy::UpToDate => {
+                                if st.repump {
+                                    act.pump(peer, ctx);
+                                }
+                            }
+                            Strategy::Snapshot => act.start_snapshot(peer, local, pending, ctx),
+                            s => act.start_broadcast(
+                                peer,
+                                s,
+                                local,
+                                holding.seq(),
+                                pending,
+                                None,
+                                ctx,
+                            ),
+                        }
+                    }
+                }
+            }),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_broadcast(
+        &mut self,
+        peer: DeviceId,
+        strategy: Strategy,
+        local: Watermark,
+        start: Seq,
+        total: u64,
+        pull: Option<(TransferId, u32)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let (transfer, attempt) = self
+            .resume
+            .remove(&peer)
+            .unwrap_or_else(|| (TransferId::new_v7(), 1));
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let pace = match strategy {
+            Strategy::Individual => Pace::Individual,
+            Strategy::Bulk => Pace::Pull,
+            _ => Pace::Push,
+        };
+        let plan = Plan {
+            transfer,
+            peer,
+            generation: st.generation,
+            strategy,
+            pace,
+            index_id: local.index_id,
+            start,
+            end: local.seq,
+            total,
+            initial_credits: pull.map(|p| p.1).unwrap_or(0),
+            pull_transfer: pull.map(|p| p.0),
+        };
+        info!(
+            peer = %peer.fmt_short(),
+            transfer = %transfer.fmt_short(),
+            %strategy,
+            start = %start,
+            end = %local.seq,
+            total,
+            attempt,
+            "transfer started"
+        );
+        let addr =
+            BatchBroadcaster::new(self.shared.clone(), plan, st.writer.clone(), ctx.address())
+                .start();
+        let out = Outgoing {
+            transfer,
+            strategy,
+            kind: OutKind::Broadcast(addr, pace),
+            attempt,
+            total,
+            started: Instant::now(),
+            started_at: Utc::now(),
+        };
+        Self::save_checkpoint(&self.shared, peer, &out, start, TransferState::Running);
+        st.outgoing = Some(out);
+        self.shared.emit(SyncEvent::TransferStarted {
+            transfer,
+            peer,
+            owner: self.shared.me(),
+            direction: Direction::Send,
+            strategy,
+            total,
+        });
+    }
+
+    fn start_snapshot(
+        &mut self,
+        peer: DeviceId,
+        local: Watermark,
+        total: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        let (transfer, attempt) = self
+            .resume
+            .remove(&peer)
+            .unwrap_or_else(|| (TransferId::new_v7(), 1));
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let generation = st.generation;
+        let out = Outgoing {
+            transfer,
+            strategy: Strategy::Snapshot,
+            kind: OutKind::Snapshot {
+                max_seq: local.seq,
+                index_id: local.index_id,
+            },
+            attempt,
+            total,
+            started: Instant::now(),
+            started_at: Utc::now(),
+        };
+        Self::save_checkpoint(&self.shared, peer, &out, Seq::ZERO, TransferState::Running);
+        st.outgoing = Some(out);
+        info!(peer = %peer.fmt_short(), transfer = %transfer.fmt_short(), total, "snapshot transfer started");
+        self.shared.emit(SyncEvent::TransferStarted {
+            transfer,
+            peer,
+            owner: self.shared.me(),
+            direction: Direction::Send,
+            strategy: Strategy::Snapshot,
+            total,
+        });
+        ctx.spawn(
+            self.exporter
+                .send(Export)
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let manifest = match res {
+                        Ok(Ok(m)) => m,
+                        Ok(Err(e)) => {
+                            return act.transfer_failed(
+                                peer,
+                                transfer,
+                                generation,
+                                e.to_string(),
+                                ctx,
+                            );
+                        }
+                        Err(e) => {
+                            return act.transfer_failed(
+                                peer,
+                                transfer,
+                                generation,
+                                e.to_string(),
+                                ctx,
+                            );
+                        }
+                    };
+                    let Some(st) = act.peers.get_mut(&peer) else {
+                        return;
+                    };
+                    if let Some(out) = st.outgoing.as_mut()
+                        && out.transfer == transfer
+                    {
+                        out.kind = OutKind::Snapshot {
+                            max_seq: manifest.max_seq,
+                            index_id: manifest.index_id,
+                        };
+                    }
+                    let offer = Wire::SnapshotOffer {
+                        id: manifest.id,
+                        owner: manifest.owner,
+                        index_id: manifest.index_id,
+                        max_seq: manifest.max_seq,
+                        entries: manifest.entries,
+                        bytes: manifest.bytes,
+                        chunks: manifest.chunks.len() as u32,
+                        hash: manifest.hash,
+                    };
+                    let writer = st.writer.clone();
+                    actix_rt::spawn(async move {
+                        let _ = writer.send(offer).await;
+                    });
+                }),
+        );
+    }
+
+    /// A transfer failed while its session lives: retry with backoff, or give up.
+    fn transfer_failed(
+        &mut self,
+        peer: DeviceId,
+        transfer: TransferId,
+        generation: u64,
+        cause: String,
+        ctx: &mut Context<Self>,
+    ) {
+        let me = self.shared.me();
+        let max_attempts = self.shared.config.max_attempts;
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if st.generation != generation {
+            return;
+        }
+        let Some(out) = st.outgoing.take() else {
+            return;
+        };
+        if out.transfer != transfer {
+            st.outgoing = Some(out);
+            return;
+        }
+        let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
+        let will_retry = out.attempt < max_attempts;
+        warn!(
+            peer = %peer.fmt_short(),
+            transfer = %transfer.fmt_short(),
+            attempt = out.attempt,
+            will_retry,
+            %cause,
+            "transfer failed"
+        );
+        self.shared.emit(SyncEvent::TransferFailed {
+            transfer,
+            peer,
+            owner: me,
+            direction: Direction::Send,
+            will_retry,
+            attempt: out.attempt,
+            cause,
+        });
+        if will_retry {
+            let delay = self.shared.config.backoff(out.attempt);
+            Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Running);
+            self.resume.insert(peer, (transfer, out.attempt + 1));
+            if let Some(st) = self.peers.get_mut(&peer) {
+                st.waiting = true;
+            }
+            ctx.run_later(delay, move |act, ctx| {
+                if let Some(st) = act.peers.get_mut(&peer) {
+                    st.waiting = false;
+                    act.pump(peer, ctx);
+                }
+            });
+        } else {
+            Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Failed);
+        }
+    }
+}
+
+impl Actor for TransferSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Transfers that were running when the process died resume, under
+        // their ids and attempt counts, when their peer is back.
+        let store = self.shared.store.clone();
+        let me = self.shared.me();
+        ctx.spawn(
+            async move { store.list_checkpoints().await }
+                .into_actor(self)
+                .map(move |res, act, _| {
+                    for c in res.unwrap_or_default() {
+                        if c.state == TransferState::Running
+                            && c.owner == me
+                            && c.direction == sync_storage::Direction::Send
+                        {
+                            act.resume.insert(c.peer, (c.transfer, c.attempts));
+                        }
+                    }
+                }),
+        );
+    }
+}
+
+impl Handler<SessionOpened> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: SessionOpened, _: &mut Context<Self>) {
+        let peer = msg.peer.device;
+        if let Some(old) = self.peers.remove(&peer) {
+            // A newer session to the same peer replaces the old one.
+            if let Some(OutKind::Broadcast(addr, _)) = old.outgoing.map(|o| o.kind) {
+                addr.do_send(Cancel);
+            }
+            if let Some(s) = old.session {
+                s.do_send(CloseSession {
+                    cause: Some("replaced by a newer session".into()),
+                });
+            }
+        }
+        self.peers.insert(
+            peer,
+            PeerState {
+                info: msg.peer,
+                generation: msg.generation,
+                writer: msg.writer,
+                session: Some(msg.session),
+                holds_of_me: None,
+                advertised: None,
+                watermarks_seen: false,
+                outgoing: None,
+                pumping: false,
+                waiting: false,
+                repump: false,
+            },
+        );
+    }
+}
+
+impl Handler<SessionClosed> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: SessionClosed, _: &mut Context<Self>) {
+        let Some(st) = self.peers.get(&msg.peer) else {
+            return;
+        };
+        if st.generation != msg.generation {
+            return;
+        }
+        let Some(st) = self.peers.remove(&msg.peer) else {
+            return;
+        };
+        if let Some(out) = st.outgoing {
+            let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
+            self.shared.emit(SyncEvent::TransferFailed {
+                transfer: out.transfer,
+                peer: msg.peer,
+                owner: self.shared.me(),
+                direction: Direction::Send,
+                will_retry: true,
+                attempt: out.attempt,
+                cause: "link lost; resumes from the peer's watermark when it reconnects".into(),
+            });
+            Self::save_checkpoint(&self.shared, msg.peer, &out, acked, TransferState::Running);
+            self.resume.insert(msg.peer, (out.transfer, out.attempt));
+            if let OutKind::Broadcast(addr, _) = out.kind {
+                addr.do_send(Cancel);
+            }
+        }
+    }
+}
+
+impl Handler<PeerWatermarks> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: PeerWatermarks, ctx: &mut Context<Self>) {
+        let Some(st) = self.peers.get_mut(&msg.peer) else {
+            return;
+        };
+        if st.generation != msg.generation {
+            return;
+        }
+        st.watermarks_seen = true;
+        st.advertised = msg.advertised;
+        match (st.holds_of_me, msg.holds_of_me) {
+            (Some(cur), Some(new)) if cur.index_id == new.index_id && cur.seq >= new.seq => {}
+            (_, Some(new)) => st.holds_of_me = Some(new),
+            (_, None) => {}
+        }
+        // A snapshot transfer ends when the peer reports holding it all.
+        let done = match (&st.outgoing, st.holds_of_me) {
+            (
+                Some(Outgoing {
+                    kind: OutKind::Snapshot { max_seq, index_id },
+                    ..
+                }),
+                Some(h),
+            ) => h.index_id == *index_id && h.seq >= *max_seq,
+            _ => false,
+        };
+        if done && let Some(out) = st.outgoing.take() {
+            let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
+            info!(peer = %msg.peer.fmt_short(), transfer = %out.transfer.fmt_short(), "snapshot transfer completed");
+            self.shared.emit(SyncEvent::TransferCompleted {
+                transfer: out.transfer,
+                peer: msg.peer,
+                owner: self.shared.me(),
+                direction: Direction::Send,
+                strategy: Strategy::Snapshot,
+                records: out.total,
+                bytes: 0,
+                seconds: out.started.elapsed().as_secs_f64(),
+            });
+            Self::save_checkpoint(
+                &self.shared,
+                msg.peer,
+                &out,
+                acked,
+                TransferState::Completed,
+            );
+        }
+        self.pump(msg.peer, ctx);
+    }
+}
+
+impl Handler<AckReceived> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: AckReceived, _: &mut Context<Self>) {
+        let Some(st) = self.peers.get_mut(&msg.peer) else {
+            return;
+        };
+        if st.generation != msg.generation {
+            return;
+        }
+        if let Some(h) = st.holds_of_me.as_mut() {
+            h.seq = h.seq.max(msg.last);
+        }
+        // Changes are acknowledged with a nil transfer id.
+        if let Some(out) = &st.outgoing
+            && (out.transfer == msg.transfer || msg.transfer == TransferId::default())
+            && let OutKind::Broadcast(addr, _) = &out.kind
+        {
+            addr.do_send(Forward(Control::Ack(msg.last)));
+        }
+    }
+}
+
+impl Handler<FetchReceived> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: FetchReceived, ctx: &mut Context<Self>) {
+        let Some(st) = self.peers.get_mut(&msg.peer) else {
+            return;
+        };
+        if st.generation != msg.generation {
+            return;
+        }
+        match &st.outgoing {
+            Some(Outgoing {
+                kind: OutKind::Broadcast(addr, Pace::Pull),
+                ..
+            }) => {
+                addr.do_send(Forward(Control::Grant {
+                    pull: msg.transfer,
+                    after: msg.after,
+                    credits: msg.max_batches,
+                }));
+            }
+            Some(_) => {
+                debug!(peer = %msg.peer.fmt_short(), "pull while another transfer runs: ignored")
+            }
+            None if st.pumping || st.waiting => st.repump = true,
+            None => {
+                // An on-demand pull: serve it from where the peer stands.
+                st.pumping = true;
+                let generation = st.generation;
+                let shared = self.shared.clone();
+                let peer = msg.peer;
+                ctx.spawn(
+                    async move {
+                        let local = shared.store.local_watermark().await?;
+                        let start = if local.index_id == msg.index_id {
+                            msg.after
+                        } else {
+                            Seq::ZERO
+                        };
+                        let pending = shared.store.count_after(shared.me(), start).await?;
+                        Ok::<_, EngineError>((local, start, pending))
+                    }
+                    .into_actor(self)
+                    .map(move |res, act, ctx| {
+                        let Some(st) = act.peers.get_mut(&peer) else {
+                            return;
+                        };
+                        if st.generation != generation {
+                            return;
+                        }
+                        st.pumping = false;
+                        match res {
+                            Ok((local, start, pending)) if local.seq > start => act
+                                .start_broadcast(
+                                    peer,
+                                    Strategy::Bulk,
+                                    local,
+                                    start,
+                                    pending,
+                                    Some((msg.transfer, msg.max_batches)),
+                                    ctx,
+                                ),
+                            Ok(_) => {}
+                            Err(e) => warn!(cause = %e, "cannot serve a pull"),
+                        }
+                    }),
+                );
+            }
+        }
+    }
+}
+
+impl Handler<Pump> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: Pump, ctx: &mut Context<Self>) {
+        let peers: Vec<DeviceId> = match msg.0 {
+            Some(p) => vec![p],
+            None => self.peers.keys().copied().collect(),
+        };
+        for p in peers {
+            self.pump(p, ctx);
+        }
+    }
+}
+
+impl Handler<TransferEnded> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: TransferEnded, ctx: &mut Context<Self>) {
+        let live = self
+            .peers
+            .get(&msg.peer)
+            .is_some_and(|st| st.generation == msg.generation);
+        if !live {
+            // The session is gone; SessionClosed already recorded the resume point.
+            return;
+        }
+        match msg.outcome {
+            Outcome::Completed(totals) => {
+                let Some(st) = self.peers.get_mut(&msg.peer) else {
+                    return;
+                };
+                let Some(out) = st.outgoing.take() else {
+                    return;
+                };
+                if out.transfer != msg.transfer {
+                    st.outgoing = Some(out);
+                    return;
+                }
+                if let Some(h) = st.holds_of_me.as_mut() {
+                    h.seq = h.seq.max(totals.acked);
+                }
+                info!(
+                    peer = %msg.peer.fmt_short(),
+                    transfer = %out.transfer.fmt_short(),
+                    strategy = %out.strategy,
+                    records = totals.records,
+                    bytes = totals.bytes,
+                    "transfer completed"
+                );
+                self.shared.emit(SyncEvent::TransferCompleted {
+                    transfer: out.transfer,
+                    peer: msg.peer,
+                    owner: self.shared.me(),
+                    direction: Direction::Send,
+                    strategy: out.strategy,
+                    records: totals.records,
+                    bytes: totals.bytes,
+                    seconds: out.started.elapsed().as_secs_f64(),
+                });
+                Self::save_checkpoint(
+                    &self.shared,
+                    msg.peer,
+                    &out,
+                    totals.acked,
+                    TransferState::Completed,
+                );
+                self.pump(msg.peer, ctx);
+            }
+            Outcome::Failed(cause) | Outcome::Panicked(cause) => {
+                self.transfer_failed(msg.peer, msg.transfer, msg.generation, cause, ctx)
+            }
+        }
+    }
+}
+
+impl Handler<CloseAll> for TransferSupervisor {
+    type Result = usize;
+    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> usize {
+        let mut n = 0;
+        for st in self.peers.values() {
+            if let Some(s) = &st.session {
+                s.do_send(CloseSession {
+                    cause: Some("shutdown".into()),
+                });
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Handler<GetPeers> for TransferSupervisor {
+    type Result = Vec<PeerStatus>;
+    fn handle(&mut self, _: GetPeers, _: &mut Context<Self>) -> Vec<PeerStatus> {
+        self.peers
+            .values()
+            .map(|st| PeerStatus {
+                peer: st.info.device,
+                name: st.info.name.clone(),
+                addr: st.info.addr.clone(),
+                holds_of_me: st.holds_of_me,
+                advertised: st.advertised,
+                outgoing: st.outgoing.as_ref().map(|o| (o.transfer, o.strategy)),
+                bytes_sent: st.writer.bytes_sent(),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,183 @@
+//! `lsync serve` and `lsync connect`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use indicatif::ProgressBar;
+use serde_json::json;
+use sync_actors::{Direction, SyncEngine, SyncEvent};
+use sync_core::TransferId;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::device::start_engine;
+use crate::progress;
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn until_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// `lsync serve`.
+pub async fn serve(data: &Path, listen: &str) -> anyhow::Result<()> {
+    let engine = start_engine(data).await?;
+    let addr = engine.listen(listen).await?;
+    eprintln!("listening on {addr} as {}", engine.device().device_id);
+    let watcher = tokio::spawn(show_progress(engine.clone(), true));
+    until_signal().await?;
+    watcher.abort();
+    engine.shutdown().await?;
+    Ok(())
+}
+
+/// Totals of what a session moved, from the event bus.
+#[derive(Default)]
+pub struct Moved {
+    /// The strategies used, in order.
+    pub strategies: Vec<String>,
+    /// Records moved (both directions).
+    pub records: u64,
+    /// Payload bytes moved (both directions).
+    pub bytes: u64,
+}
+
+/// Draws a bar per transfer; returns the totals when the event bus closes.
+pub async fn show_progress(engine: SyncEngine, quiet: bool) -> Moved {
+    let mut rx = engine.subscribe();
+    let mut bars: HashMap<TransferId, ProgressBar> = HashMap::new();
+    let mut moved = Moved::default();
+    loop {
+        let event = match rx.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return moved,
+        };
+        match event {
+            SyncEvent::TransferStarted {
+                transfer,
+                strategy,
+                total,
+                direction,
+                ..
+            } => {
+                let label = match direction {
+                    Direction::Send => format!("send {strategy}"),
+                    Direction::Receive => format!("recv {strategy}"),
+                };
+                moved.strategies.push(strategy.to_string());
+                bars.insert(transfer, progress::bar(total, &label, quiet));
+            }
+            SyncEvent::TransferProgress {
+                transfer,
+                done,
+                total,
+                ..
+            } => {
+                if let Some(b) = bars.get(&transfer) {
+                    b.set_length(total.max(done));
+                    b.set_position(done);
+                }
+            }
+            SyncEvent::TransferCompleted {
+                transfer,
+                records,
+                bytes,
+                ..
+            } => {
+                moved.records += records;
+                moved.bytes += bytes;
+                if let Some(b) = bars.remove(&transfer) {
+                    b.finish_and_clear();
+                }
+            }
+            SyncEvent::TransferFailed {
+                transfer, cause, ..
+            } => {
+                if let Some(b) = bars.remove(&transfer) {
+                    b.abandon_with_message(cause);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `lsync connect`.
+pub async fn connect(
+    data: &Path,
+    addr: &str,
+    until_synced: bool,
+    json: bool,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let engine = start_engine(data).await?;
+    let started = Instant::now();
+    let watcher = tokio::spawn(show_progress(engine.clone(), json));
+    let peer = match engine.connect(addr).await {
+        Ok(p) => p,
+        Err(e) => {
+            engine.shutdown().await?;
+            bail!("cannot connect to {addr}: {e}");
+        }
+    };
+    if !until_synced {
+        eprintln!(
+            "connected to {} ({}); Ctrl-C to stop",
+            peer.device, peer.name
+        );
+        until_signal().await?;
+        engine.shutdown().await?;
+        return Ok(());
+    }
+    let synced = engine
+        .wait_synced(peer.device, Duration::from_secs(timeout))
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let wire: u64 = engine
+        .peers()
+        .await?
+        .iter()
+        .find(|p| p.peer == peer.device)
+        .map(|p| p.bytes_sent)
+        .unwrap_or(0);
+    engine.shutdown().await?;
+    let moved = watcher.await.unwrap_or_default();
+    if !synced {
+        bail!("not synced with {} after {timeout}s", peer.device);
+    }
+    let strategy = if moved.strategies.is_empty() {
+        "up_to_date".to_string()
+    } else {
+        moved.strategies.join("+")
+    };
+    if json {
+        println!(
+            "{}",
+            json!({
+                "peer": peer.device.to_string(),
+                "strategy": strategy,
+                "records": moved.records,
+                "bytes": moved.bytes.max(wire),
+                "seconds": seconds,
+            })
+        );
+    } else {
+        println!(
+            "synced with {} ({}): {} records, {} bytes, strategy {}, {:.2}s",
+            peer.device,
+            peer.name,
+            moved.records,
+            moved.bytes.max(wire),
+            strategy,
+            seconds
+        );
+    }
+    Ok(())
+}

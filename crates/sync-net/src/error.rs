@@ -1,0 +1,103 @@
+//! `NetError`: every way establishing or using a peer connection can fail.
+
+use sync_core::{DecodeError, DeviceId, EncodeError, ErrorCode};
+
+/// Why a connection could not be established, or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The peer presented a certificate whose fingerprint we have not pinned.
+    #[error("the peer's certificate is not trusted")]
+    UnknownCertificate,
+    /// The peer refused our certificate during the TLS handshake (it has not pinned us).
+    #[error("the peer does not trust our certificate")]
+    NotTrustedByPeer,
+    /// The peer's `Hello` claims a DeviceId other than the one pinned for its certificate.
+    #[error("peer claims device {claimed} but its certificate is pinned to {pinned}")]
+    IdentityMismatch {
+        /// The DeviceId in the peer's `Hello`.
+        claimed: DeviceId,
+        /// The DeviceId pinned for the peer's certificate.
+        pinned: DeviceId,
+    },
+    /// The peer speaks another protocol version.
+    #[error("protocol mismatch: ours {ours}, theirs {theirs}")]
+    ProtocolMismatch {
+        /// Our [`sync_core::PROTOCOL_VERSION`].
+        ours: u32,
+        /// The version in the peer's `Hello`.
+        theirs: u32,
+    },
+    /// The peer's `Hello` names another library.
+    #[error("the peer belongs to another library")]
+    LibraryMismatch,
+    /// The TLS handshake and `Hello` exchange did not finish within `handshake_timeout`.
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// Nothing (not even a keepalive) arrived within `idle_timeout`.
+    #[error("connection idle for too long")]
+    Idle,
+    /// A TLS error (bad record, unexpected message, alert, ...).
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The peer sent bytes that are not a valid frame.
+    #[error("decode: {0}")]
+    Decode(#[from] DecodeError),
+    /// A message could not be encoded (for instance: too large).
+    #[error("encode: {0}")]
+    Encode(#[from] EncodeError),
+    /// The peer sent a typed refusal (`Message::Error`).
+    #[error("refused by peer ({code:?}): {message}")]
+    Refused {
+        /// The peer's reason.
+        code: ErrorCode,
+        /// The peer's detail.
+        message: String,
+    },
+    /// The peer's first frame was not `Hello` (or another out-of-place frame).
+    #[error("unexpected {0} frame")]
+    Unexpected(&'static str),
+    /// The connection is closed (the writer task has stopped).
+    #[error("connection closed")]
+    Closed,
+    /// The outbound queue is full (`try_send` only; `send` waits instead).
+    #[error("outbound queue full")]
+    QueueFull,
+    /// Too many connections: the listener refused this one.
+    #[error("too many connections")]
+    TooManyConnections,
+    /// A socket error.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The device key or certificate could not be created, read or parsed.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// The trust store file could not be read, parsed or written.
+    #[error("trust store: {0}")]
+    Trust(String),
+}
+
+/// Maps an IO error from a TLS stream to a typed error: rustls errors travel
+/// inside `std::io::Error`.
+pub(crate) fn map_io_error(err: std::io::Error) -> NetError {
+    use rustls::AlertDescription as A;
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return NetError::Io(err);
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+            NetError::UnknownCertificate
+        }
+        rustls::Error::AlertReceived(
+            A::UnknownCA
+            | A::BadCertificate
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::AccessDenied
+            | A::CertificateRequired,
+        ) => NetError::NotTrustedByPeer,
+        other => NetError::Tls(other.to_string()),
+    }
+}

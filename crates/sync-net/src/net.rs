@@ -1,0 +1,254 @@
+//! `Listener`, `dial` and `memory_pair`: how connections are made.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::Instrument;
+
+use crate::NetConfig;
+use crate::conn::{BoxStream, Connection, Establish, establish, refuse_busy};
+use crate::error::{NetError, map_io_error};
+use crate::fingerprint::CertFingerprint;
+use crate::tls;
+
+/// Accepts authenticated connections on a TCP port.
+#[derive(Debug)]
+pub struct Listener {
+    local: SocketAddr,
+    rx: Mutex<mpsc::Receiver<Connection>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Listener {
+    /// Binds `addr` (e.g. `"0.0.0.0:7070"`, or port 0 for any) and starts
+    /// accepting in the background.
+    pub async fn bind(addr: &str, config: NetConfig) -> Result<Listener, NetError> {
+        let tls = tls::server_config(&config)?;
+        let tcp = TcpListener::bind(addr).await?;
+        let local = tcp.local_addr()?;
+        let (tx, rx) = mpsc::channel(config.max_connections.max(1));
+        let span = tracing::info_span!("listener", local = %local);
+        let task =
+            tokio::spawn(accept_loop(tcp, config, TlsAcceptor::from(tls), tx).instrument(span));
+        tracing::info!(local = %local, "listening");
+        Ok(Listener {
+            local,
+            rx: Mutex::new(rx),
+            task,
+        })
+    }
+
+    /// The bound address (with the actual port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The next connection that passed TLS and `Hello`. Failed handshakes
+    /// (garbage, unknown certificate, wrong device/version/library, stall)
+    /// are logged with the peer address and skipped. Handshakes run
+    /// concurrently, at most `max_handshaking` at once; beyond
+    /// `max_connections` live connections, newcomers are refused
+    /// (`Error { Busy }` when a handshake slot is free, else the socket is closed).
+    /// Cancel-safe.
+    pub async fn accept(&self) -> Result<Connection, NetError> {
+        self.rx.lock().await.recv().await.ok_or(NetError::Closed)
+    }
+}
+
+async fn accept_loop(
+    tcp: TcpListener,
+    config: NetConfig,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<Connection>,
+) {
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let handshakes = Arc::new(Semaphore::new(config.max_handshaking.max(1)));
+    let config = Arc::new(config);
+    loop {
+        let (sock, addr) = match tcp.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if tx.is_closed() {
+            return;
+        }
+        let span = tracing::info_span!("handshake", peer = %addr);
+        let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, max = config.max_connections, "too many connections, refusing");
+            if let Ok(hs) = handshakes.clone().try_acquire_owned() {
+                let (acceptor, config) = (acceptor.clone(), config.clone());
+                tokio::spawn(
+                    async move {
+                        let _hs = hs;
+                        let refuse = async {
+                            let stream = acceptor.accept(sock).await.map_err(map_io_error)?;
+                            refuse_busy(Box::new(stream), &config).await;
+                            Ok::<(), NetError>(())
+                        };
+                        let _ = tokio::time::timeout(config.handshake_timeout, refuse).await;
+                    }
+                    .instrument(span),
+                );
+            }
+            continue;
+        };
+        let Ok(hs_permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
+        let (acceptor, config, tx) = (acceptor.clone(), config.clone(), tx.clone());
+        tokio::spawn(
+            async move {
+                let permit = Some(Arc::new(conn_permit));
+                let result = tokio::time::timeout(
+                    config.handshake_timeout,
+                    server_handshake(sock, addr, &acceptor, &config, permit),
+                )
+                .await;
+                drop(hs_permit);
+                match result {
+                    Ok(Ok(conn)) => {
+                        tracing::info!(peer = %addr, device = %conn.peer.device, name = %conn.peer.name, "accepted");
+                        let _ = tx.send(conn).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "handshake failed"),
+                    Err(_) => tracing::warn!(peer = %addr, error = %NetError::HandshakeTimeout, "handshake failed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn server_handshake(
+    sock: TcpStream,
+    addr: SocketAddr,
+    acceptor: &TlsAcceptor,
+    config: &NetConfig,
+    permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+) -> Result<Connection, NetError> {
+    sock.set_nodelay(true)?;
+    let stream = acceptor.accept(sock).await.map_err(map_io_error)?;
+    let fp = tls::peer_fingerprint(stream.get_ref().1.peer_certificates())?;
+    let mut e = Establish::new(config, addr.to_string(), fp);
+    e.permit = permit;
+    establish(Box::new(stream), e).await
+}
+
+/// Wraps the TCP stream before TLS (fault injection); returns the stream and
+/// the flag that arms the wrapper once `Hello` is exchanged.
+pub(crate) type Wrap = Box<dyn FnOnce(BoxStream) -> (BoxStream, Option<Arc<AtomicBool>>) + Send>;
+
+/// Dials `addr`, runs TLS 1.3 with mutual pinned authentication and the
+/// `Hello` exchange, all within `handshake_timeout`.
+pub async fn dial(addr: &str, config: &NetConfig) -> Result<Connection, NetError> {
+    dial_inner(addr, config, sync_core::PROTOCOL_VERSION, None).await
+}
+
+pub(crate) async fn dial_inner(
+    addr: &str,
+    config: &NetConfig,
+    protocol: u32,
+    wrap: Option<Wrap>,
+) -> Result<Connection, NetError> {
+    let span = tracing::info_span!("dial", peer = %addr);
+    let attempt = async {
+        let tls = tls::client_config(config)?;
+        let sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        let peer_addr = sock
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| addr.to_string());
+        let boxed: BoxStream = Box::new(sock);
+        let (io, arm) = match wrap {
+            Some(w) => w(boxed),
+            None => (boxed, None),
+        };
+        let name =
+            ServerName::try_from(tls::SERVER_NAME).map_err(|e| NetError::Tls(e.to_string()))?;
+        let stream = TlsConnector::from(tls)
+            .connect(name, io)
+            .await
+            .map_err(map_io_error)?;
+        let fp = tls::peer_fingerprint(stream.get_ref().1.peer_certificates())?;
+        let mut e = Establish::new(config, peer_addr, fp);
+        e.protocol = protocol;
+        e.arm = arm;
+        establish(Box::new(stream), e).await
+    };
+    let result = tokio::time::timeout(config.handshake_timeout, attempt)
+        .instrument(span.clone())
+        .await
+        .unwrap_or(Err(NetError::HandshakeTimeout));
+    if let Err(e) = &result {
+        span.in_scope(|| tracing::warn!(peer = %addr, error = %e, "dial failed"));
+    }
+    result
+}
+
+/// Connects `a` and `b` over an in-memory pipe (`tokio::io::duplex`).
+/// There is NO TLS: nothing is encrypted, and each side's "certificate" is
+/// simply the other config's identity fingerprint. The checks are the same
+/// as over the network: each side must have pinned the other's fingerprint,
+/// and the `Hello` exchange checks version, library and DeviceId.
+/// Returns `(a's connection, b's connection)`.
+pub async fn memory_pair(
+    a: &NetConfig,
+    b: &NetConfig,
+) -> Result<(Connection, Connection), NetError> {
+    memory_pair_inner(a, b, None, None).await
+}
+
+/// Wraps one side's end of the pipe; returns the arming flag.
+pub(crate) type MemWrap = Box<dyn FnOnce(BoxStream) -> (BoxStream, Arc<AtomicBool>) + Send>;
+
+pub(crate) async fn memory_pair_inner(
+    a: &NetConfig,
+    b: &NetConfig,
+    wrap_a: Option<MemWrap>,
+    wrap_b: Option<MemWrap>,
+) -> Result<(Connection, Connection), NetError> {
+    let (sa, sb) = tokio::io::duplex(256 << 10);
+    fn side<'c>(
+        config: &'c NetConfig,
+        peer: CertFingerprint,
+        s: BoxStream,
+        wrap: Option<MemWrap>,
+    ) -> (BoxStream, Establish<'c>) {
+        let (io, arm) = match wrap {
+            Some(w) => {
+                let (io, arm) = w(s);
+                (io, Some(arm))
+            }
+            None => (s, None),
+        };
+        let mut e = Establish::new(config, "memory".to_string(), peer);
+        e.arm = arm;
+        (io, e)
+    }
+    let (io_a, ea) = side(a, b.identity.fingerprint, Box::new(sa), wrap_a);
+    let (io_b, eb) = side(b, a.identity.fingerprint, Box::new(sb), wrap_b);
+    let limit = a.handshake_timeout.max(b.handshake_timeout);
+    tokio::time::timeout(limit, async {
+        tokio::try_join!(establish(io_a, ea), establish(io_b, eb))
+    })
+    .await
+    .unwrap_or(Err(NetError::HandshakeTimeout))
+}

@@ -1,0 +1,823 @@
+//! Tests over real TLS on loopback, the in-memory transport and the fault wrapper.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use sync_core::{
+    DeviceId, ErrorCode, FrameCodec, IndexId, LibraryId, Message, PROTOCOL_VERSION, Seq,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::net::dial_inner;
+use crate::{Connection, Identity, Listener, NetConfig, NetError, TrustStore, dial, memory_pair};
+
+fn config(library: LibraryId, name: &str) -> NetConfig {
+    let identity = Identity::generate(DeviceId::new_v7()).unwrap();
+    let mut c = NetConfig::new(
+        Arc::new(identity),
+        TrustStore::in_memory(),
+        library,
+        name.to_string(),
+    );
+    c.handshake_timeout = Duration::from_secs(3);
+    c.idle_timeout = Duration::from_secs(5);
+    c
+}
+
+/// `a` pins `b`'s certificate, bound to `b`'s device.
+fn pin(a: &NetConfig, b: &NetConfig) {
+    a.trust
+        .trust(b.identity.fingerprint, Some(b.identity.device_id))
+        .unwrap();
+}
+
+fn mutual(a: &NetConfig, b: &NetConfig) {
+    pin(a, b);
+    pin(b, a);
+}
+
+fn wm(n: u64) -> Message {
+    Message::Watermarks(vec![(DeviceId::from_bytes([1; 16]), IndexId(7), Seq(n))])
+}
+
+fn frame(msg: &Message) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    FrameCodec::default().encode_frame(msg, &mut buf).unwrap();
+    buf.to_vec()
+}
+
+fn hello(cfg: &NetConfig) -> Message {
+    Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        device: cfg.identity.device_id,
+        library: cfg.library,
+        name: cfg.name.clone(),
+    }
+}
+
+/// A server and a listener on loopback.
+async fn server() -> (NetConfig, Listener) {
+    let cfg = config(LibraryId::new_v7(), "server");
+    let listener = Listener::bind("127.0.0.1:0", cfg.clone()).await.unwrap();
+    (cfg, listener)
+}
+
+/// A client trusted by (and trusting) the server.
+fn good_client(server: &NetConfig) -> NetConfig {
+    let c = config(server.library, "client");
+    mutual(server, &c);
+    c
+}
+
+/// Dials and accepts; returns (client side, server side).
+async fn connect(listener: &Listener, client: &NetConfig) -> (Connection, Connection) {
+    let addr = listener.local_addr().to_string();
+    let (c, s) = tokio::join!(dial(&addr, client), async {
+        tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("accept timed out")
+    });
+    (c.unwrap(), s.unwrap())
+}
+
+/// Frames flow both ways between the two ends.
+async fn exchange(a: &mut Connection, b: &mut Connection) {
+    a.send(wm(1)).await.unwrap();
+    assert_eq!(b.recv().await.unwrap(), Some(wm(1)));
+    b.send(wm(2)).await.unwrap();
+    assert_eq!(a.recv().await.unwrap(), Some(wm(2)));
+}
+
+/// The listener still serves a good peer.
+async fn still_serving(server: &NetConfig, listener: &Listener) {
+    let client = good_client(server);
+    let (mut c, mut s) = connect(listener, &client).await;
+    assert_eq!(s.peer.device, client.identity.device_id);
+    exchange(&mut c, &mut s).await;
+}
+
+/// A TLS stream to the listener that skips our `Hello` logic.
+async fn raw_tls(addr: &str, cfg: &NetConfig) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tls = crate::tls::client_config(cfg).unwrap();
+    let sock = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME).unwrap();
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, sock)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn trusted_pair_exchanges_frames() {
+    let (scfg, listener) = server().await;
+    let client = good_client(&scfg);
+    let (mut c, mut s) = connect(&listener, &client).await;
+    assert_eq!(c.peer.device, scfg.identity.device_id);
+    assert_eq!(c.peer.fingerprint, scfg.identity.fingerprint);
+    assert_eq!(c.peer.name, "server");
+    assert_eq!(s.peer.device, client.identity.device_id);
+    assert_eq!(s.peer.fingerprint, client.identity.fingerprint);
+    assert!(s.peer.addr.starts_with("127.0.0.1:"));
+    exchange(&mut c, &mut s).await;
+
+    // Many frames, some large (compressed and not), then a clean close.
+    let (_, mut rd, wr) = s.split();
+    let big = Message::SnapshotChunk {
+        id: sync_core::SnapshotId::new_v7(),
+        index: 3,
+        hash: [9; 32],
+        data: (0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+    };
+    let sender = {
+        let big = big.clone();
+        let w = c.writer();
+        tokio::spawn(async move {
+            for i in 0..100 {
+                w.send(wm(i)).await.unwrap();
+            }
+            w.send(big).await.unwrap();
+            w.close().await;
+            w.bytes_sent()
+        })
+    };
+    for i in 0..100 {
+        assert_eq!(c_recv_none_check(&mut rd).await, wm(i));
+    }
+    assert_eq!(rd.recv().await.unwrap(), Some(big));
+    assert_eq!(rd.recv().await.unwrap(), None);
+    assert!(sender.await.unwrap() > 1_000);
+    assert!(matches!(c.send(wm(1)).await, Err(NetError::Closed)));
+    drop(wr);
+}
+
+async fn c_recv_none_check(rd: &mut crate::ConnReader) -> Message {
+    rd.recv().await.unwrap().expect("message")
+}
+
+#[tokio::test]
+async fn server_unknown_to_client_is_refused() {
+    let (scfg, listener) = server().await;
+    let client = config(scfg.library, "client");
+    pin(&scfg, &client); // the server trusts the client, not the reverse
+    let err = dial(&listener.local_addr().to_string(), &client)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::UnknownCertificate), "{err:?}");
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn client_unknown_to_server_is_refused() {
+    let (scfg, listener) = server().await;
+    let client = config(scfg.library, "client");
+    pin(&client, &scfg); // the client trusts the server, not the reverse
+    let err = dial(&listener.local_addr().to_string(), &client)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::NotTrustedByPeer), "{err:?}");
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn pinned_certificate_claiming_another_device() {
+    // The client claims device Y with a certificate the server pinned to X.
+    let (scfg, listener) = server().await;
+    let client = config(scfg.library, "client");
+    pin(&client, &scfg);
+    let x = DeviceId::new_v7();
+    scfg.trust
+        .trust(client.identity.fingerprint, Some(x))
+        .unwrap();
+    let addr = listener.local_addr().to_string();
+    // The client's own checks pass; the server's refusal arrives as the first frame.
+    match dial(&addr, &client).await {
+        Ok(mut conn) => {
+            let err = conn.recv().await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    NetError::Refused {
+                        code: ErrorCode::IdentityMismatch,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
+        Err(err) => assert!(
+            matches!(err, NetError::Refused { .. } | NetError::Io(_)),
+            "{err:?}"
+        ),
+    }
+    still_serving(&scfg, &listener).await;
+
+    // The dialer detects a server claiming another device: typed error.
+    let client2 = config(scfg.library, "client2");
+    pin(&scfg, &client2);
+    client2
+        .trust
+        .trust(scfg.identity.fingerprint, Some(x))
+        .unwrap();
+    let (dialed, accepted) = tokio::join!(dial(&addr, &client2), listener.accept());
+    // The server's checks passed, so it accepted; the dialer's refusal is its first frame.
+    let err = accepted.unwrap().recv().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NetError::Refused {
+                code: ErrorCode::IdentityMismatch,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    match dialed.unwrap_err() {
+        NetError::IdentityMismatch { claimed, pinned } => {
+            assert_eq!(claimed, scfg.identity.device_id);
+            assert_eq!(pinned, x);
+        }
+        other => panic!("{other:?}"),
+    }
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn wrong_protocol_version() {
+    let (scfg, listener) = server().await;
+    let client = good_client(&scfg);
+    let addr = listener.local_addr().to_string();
+    let err = dial_inner(&addr, &client, PROTOCOL_VERSION + 1, None)
+        .await
+        .unwrap_err();
+    match err {
+        NetError::ProtocolMismatch { ours, theirs } => {
+            assert_eq!(ours, PROTOCOL_VERSION + 1);
+            assert_eq!(theirs, PROTOCOL_VERSION);
+        }
+        other => panic!("{other:?}"),
+    }
+    still_serving(&scfg, &listener).await;
+
+    // Raw: the server answers a foreign version with Hello, then a typed Error.
+    let mut tls = raw_tls(&addr, &client).await;
+    let mut bad = hello(&client);
+    if let Message::Hello { protocol, .. } = &mut bad {
+        *protocol = 99;
+    }
+    tls.write_all(&frame(&bad)).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tls.read_to_end(&mut got).await;
+    let mut buf = BytesMut::from(&got[..]);
+    let mut codec = FrameCodec::default();
+    use tokio_util::codec::Decoder;
+    assert!(matches!(
+        codec.decode(&mut buf).unwrap(),
+        Some(Message::Hello { .. })
+    ));
+    assert!(matches!(
+        codec.decode(&mut buf).unwrap(),
+        Some(Message::Error {
+            code: ErrorCode::ProtocolMismatch,
+            ..
+        })
+    ));
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn other_library() {
+    let (scfg, listener) = server().await;
+    let client = config(LibraryId::new_v7(), "client");
+    mutual(&scfg, &client);
+    let err = dial(&listener.local_addr().to_string(), &client)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::LibraryMismatch), "{err:?}");
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn garbage_instead_of_tls() {
+    let (scfg, listener) = server().await;
+    let addr = listener.local_addr().to_string();
+    let mut sock = TcpStream::connect(&addr).await.unwrap();
+    sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), sock.read_to_end(&mut sink)).await;
+    let mut sock = TcpStream::connect(&addr).await.unwrap();
+    sock.write_all(&[0xFF; 4096]).await.unwrap();
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn garbage_after_handshake_is_a_decode_error() {
+    let (scfg, listener) = server().await;
+    let client = good_client(&scfg);
+    let addr = listener.local_addr().to_string();
+    let mut tls = raw_tls(&addr, &client).await;
+    let mut bytes = frame(&hello(&client));
+    bytes.extend_from_slice(&frame(&wm(5)));
+    bytes.extend_from_slice(&[0, 0, 0, 4, 0x80, 1, 2, 3, 4]); // unknown flags
+    tls.write_all(&bytes).await.unwrap();
+    let mut s = listener.accept().await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), Some(wm(5)));
+    let err = s.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NetError::Decode(sync_core::DecodeError::UnknownFlags(0x80))
+        ),
+        "{err:?}"
+    );
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn oversized_frame_header() {
+    let (scfg, listener) = server().await;
+    let client = good_client(&scfg);
+    let addr = listener.local_addr().to_string();
+    // After Hello: the reader refuses it before allocating.
+    let mut tls = raw_tls(&addr, &client).await;
+    let mut bytes = frame(&hello(&client));
+    bytes.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF, 0]);
+    tls.write_all(&bytes).await.unwrap();
+    let mut s = listener.accept().await.unwrap();
+    let err = s.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NetError::Decode(sync_core::DecodeError::FrameTooLarge { .. })
+        ),
+        "{err:?}"
+    );
+    // Instead of Hello: the handshake fails (Hello is held to 64 KiB).
+    let mut tls = raw_tls(&addr, &client).await;
+    tls.write_all(&[0, 1, 0, 0, 0]).await.unwrap();
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn stalls_mid_frame_and_mid_handshake() {
+    let (mut scfg, _) = server().await;
+    scfg.idle_timeout = Duration::from_millis(300);
+    scfg.handshake_timeout = Duration::from_millis(1500);
+    let listener = Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap();
+    let client = good_client(&scfg);
+    let addr = listener.local_addr().to_string();
+
+    // Mid-frame: Hello, then 3 bytes of a header, then nothing.
+    let mut tls = raw_tls(&addr, &client).await;
+    let mut bytes = frame(&hello(&client));
+    bytes.extend_from_slice(&[0, 0, 0]);
+    tls.write_all(&bytes).await.unwrap();
+    let mut s = listener.accept().await.unwrap();
+    let t = Instant::now();
+    let err = s.recv().await.unwrap_err();
+    assert!(matches!(err, NetError::Idle), "{err:?}");
+    assert!(t.elapsed() >= Duration::from_millis(250));
+
+    // Mid-handshake: several stallers (TCP only, half a TLS hello) do not block a good peer.
+    let mut stallers = Vec::new();
+    for i in 0..4 {
+        let mut sock = TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 0 {
+            sock.write_all(&[0x16, 0x03, 0x01, 0x01]).await.unwrap();
+        }
+        stallers.push(sock);
+    }
+    let t = Instant::now();
+    still_serving(&scfg, &listener).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "blocked by stallers"
+    );
+    // The stallers are dropped by the server after handshake_timeout.
+    for mut sock in stallers {
+        let mut sink = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(3), sock.read_to_end(&mut sink)).await;
+        assert!(r.is_ok(), "staller not dropped");
+    }
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_connections() {
+    let (scfg, listener) = server().await;
+    let addr = listener.local_addr().to_string();
+    let clients: Vec<NetConfig> = (0..50).map(|_| good_client(&scfg)).collect();
+    let server_task = tokio::spawn(async move {
+        let mut echoes = Vec::new();
+        for _ in 0..50 {
+            let conn = listener.accept().await.unwrap();
+            echoes.push(tokio::spawn(async move {
+                let (_, mut rd, wr) = conn.split();
+                while let Some(msg) = rd.recv().await.unwrap() {
+                    wr.send(msg).await.unwrap();
+                }
+                wr.close().await;
+            }));
+        }
+        for e in echoes {
+            e.await.unwrap();
+        }
+        listener
+    });
+    let mut tasks = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let addr = addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let conn = dial(&addr, &c).await.unwrap();
+            let (_, mut rd, wr) = conn.split();
+            for j in 0..10 {
+                wr.send(wm(i as u64 * 100 + j)).await.unwrap();
+            }
+            for j in 0..10 {
+                assert_eq!(rd.recv().await.unwrap(), Some(wm(i as u64 * 100 + j)));
+            }
+            wr.close().await;
+            assert_eq!(rd.recv().await.unwrap(), None);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let listener = server_task.await.unwrap();
+    still_serving(&scfg, &listener).await;
+}
+
+#[tokio::test]
+async fn keepalive_holds_an_idle_connection_open() {
+    let (mut scfg, _) = server().await;
+    scfg.idle_timeout = Duration::from_millis(400);
+    scfg.keepalive_interval = Duration::from_millis(100);
+    let listener = Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap();
+    let mut client = good_client(&scfg);
+    client.idle_timeout = Duration::from_millis(400);
+    client.keepalive_interval = Duration::from_millis(100);
+    let (c, mut s) = connect(&listener, &client).await;
+    let (_, mut crd, cwr) = c.split();
+    let waiting = tokio::spawn(async move {
+        let got = s.recv().await;
+        (got, s)
+    });
+    let client_reader = tokio::spawn(async move { crd.recv().await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "server reader gave up on a live connection"
+    );
+    assert!(
+        !client_reader.is_finished(),
+        "client reader gave up on a live connection"
+    );
+    let before = cwr.bytes_sent();
+    assert!(before > 0, "keepalives were written");
+    cwr.send(wm(3)).await.unwrap();
+    let (got, _s) = waiting.await.unwrap();
+    assert_eq!(got.unwrap(), Some(wm(3)));
+    client_reader.abort();
+
+    // Without keepalives, the same idle connection times out.
+    let mut quiet = good_client(&scfg);
+    quiet.keepalive_interval = Duration::from_secs(3600);
+    let (_c, mut s) = connect(&listener, &quiet).await;
+    let err = s.recv().await.unwrap_err();
+    assert!(matches!(err, NetError::Idle), "{err:?}");
+}
+
+#[tokio::test]
+async fn trust_on_first_handshake_binds_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = LibraryId::new_v7();
+    let sdev = DeviceId::new_v7();
+    let sid = Identity::load_or_create(&dir.path().join("server"), sdev).unwrap();
+    let strust = TrustStore::load(&dir.path().join("server/trust.json")).unwrap();
+    let scfg = NetConfig::new(Arc::new(sid), strust, library, "server".into());
+    let cdev = DeviceId::new_v7();
+    let cid = Identity::load_or_create(&dir.path().join("client"), cdev).unwrap();
+    let ctrust = TrustStore::load(&dir.path().join("client/trust.json")).unwrap();
+    let client = NetConfig::new(Arc::new(cid), ctrust, library, "client".into());
+    // Fingerprints exchanged out of band; neither knows the other's DeviceId yet.
+    scfg.trust.trust(client.identity.fingerprint, None).unwrap();
+    client.trust.trust(scfg.identity.fingerprint, None).unwrap();
+    let listener = Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap();
+    let (mut c, mut s) = connect(&listener, &client).await;
+    exchange(&mut c, &mut s).await;
+    assert_eq!(
+        scfg.trust.lookup(&client.identity.fingerprint),
+        Some(Some(cdev))
+    );
+    assert_eq!(
+        client.trust.lookup(&scfg.identity.fingerprint),
+        Some(Some(sdev))
+    );
+    let reloaded = TrustStore::load(&dir.path().join("server/trust.json")).unwrap();
+    assert_eq!(
+        reloaded.lookup(&client.identity.fingerprint),
+        Some(Some(cdev))
+    );
+    let reloaded = TrustStore::load(&dir.path().join("client/trust.json")).unwrap();
+    assert_eq!(
+        reloaded.lookup(&scfg.identity.fingerprint),
+        Some(Some(sdev))
+    );
+
+    // The same certificate now claiming another device is refused.
+    let mut other = (*client.identity).clone();
+    other.device_id = DeviceId::new_v7();
+    let mut liar = client.clone();
+    liar.identity = Arc::new(other);
+    let addr = listener.local_addr().to_string();
+    if let Ok(mut conn) = dial(&addr, &liar).await {
+        let err = conn.recv().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NetError::Refused {
+                    code: ErrorCode::IdentityMismatch,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    // Reloading the identity from disk gives the same certificate.
+    let again = Identity::load(&dir.path().join("client")).unwrap();
+    assert_eq!(again.fingerprint, client.identity.fingerprint);
+    assert_eq!(again.device_id, cdev);
+}
+
+#[tokio::test]
+async fn too_many_connections_are_refused() {
+    let (mut scfg, _) = server().await;
+    scfg.max_connections = 1;
+    let listener = Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap();
+    let addr = listener.local_addr().to_string();
+    let client = good_client(&scfg);
+    let (c, s) = connect(&listener, &client).await;
+    let err = dial(&addr, &client).await.unwrap_err();
+    assert!(matches!(err, NetError::TooManyConnections), "{err:?}");
+    drop((c, s));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match dial(&addr, &client).await {
+            Ok(_c) => break,
+            Err(NetError::TooManyConnections) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn memory_pair_checks_like_the_network() {
+    let library = LibraryId::new_v7();
+    let a = config(library, "a");
+    let b = config(library, "b");
+    mutual(&a, &b);
+    let (mut ca, mut cb) = memory_pair(&a, &b).await.unwrap();
+    assert_eq!(ca.peer.addr, "memory");
+    assert_eq!(ca.peer.device, b.identity.device_id);
+    assert_eq!(cb.peer.device, a.identity.device_id);
+    exchange(&mut ca, &mut cb).await;
+
+    let stranger = config(library, "stranger");
+    pin(&stranger, &a);
+    assert!(matches!(
+        memory_pair(&stranger, &a).await,
+        Err(NetError::UnknownCertificate)
+    ));
+
+    let elsewhere = config(LibraryId::new_v7(), "elsewhere");
+    mutual(&elsewhere, &a);
+    assert!(matches!(
+        memory_pair(&elsewhere, &a).await,
+        Err(NetError::LibraryMismatch)
+    ));
+
+    let liar = config(library, "liar");
+    pin(&liar, &a);
+    a.trust
+        .trust(liar.identity.fingerprint, Some(DeviceId::new_v7()))
+        .unwrap();
+    let err = memory_pair(&liar, &a).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NetError::IdentityMismatch { .. }
+                | NetError::Refused {
+                    code: ErrorCode::IdentityMismatch,
+                    ..
+                }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_message_is_an_encode_error() {
+    let library = LibraryId::new_v7();
+    let mut a = config(library, "a");
+    a.limits.max_frame = 1024;
+    let b = config(library, "b");
+    mutual(&a, &b);
+    let (ca, _cb) = memory_pair(&a, &b).await.unwrap();
+    let huge = Message::SnapshotChunk {
+        id: sync_core::SnapshotId::new_v7(),
+        index: 0,
+        hash: [0; 32],
+        data: (0..10_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect(),
+    };
+    assert!(matches!(ca.send(huge).await, Err(NetError::Encode(_))));
+}
+
+#[tokio::test]
+async fn try_send_reports_a_full_queue() {
+    let library = LibraryId::new_v7();
+    let mut a = config(library, "a");
+    a.outbound_queue = 2;
+    let b = config(library, "b");
+    mutual(&a, &b);
+    let (ca, _cb) = memory_pair(&a, &b).await.unwrap();
+    // Nobody reads b: the pipe fills, then the queue.
+    let payload = Message::SnapshotChunk {
+        id: sync_core::SnapshotId::new_v7(),
+        index: 0,
+        hash: [0; 32],
+        data: (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect(),
+    };
+    let mut full = false;
+    for _ in 0..64 {
+        match ca.writer().try_send(payload.clone()) {
+            Ok(()) => tokio::task::yield_now().await,
+            Err(NetError::QueueFull) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(full);
+}
+
+#[cfg(feature = "test-utils")]
+mod faults {
+    use super::*;
+    use crate::fault::{FaultPlan, dial_with_faults, memory_pair_with_faults};
+
+    fn pair_configs() -> (NetConfig, NetConfig) {
+        let library = LibraryId::new_v7();
+        let a = config(library, "a");
+        let b = config(library, "b");
+        mutual(&a, &b);
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn cut_after_frames() {
+        let (a, b) = pair_configs();
+        let plan = FaultPlan {
+            cut_after_frames: Some(3),
+            ..FaultPlan::default()
+        };
+        let (ca, mut cb) = memory_pair_with_faults(&a, &b, plan, FaultPlan::default())
+            .await
+            .unwrap();
+        for i in 0..5 {
+            let _ = ca.send(wm(i)).await;
+        }
+        for i in 0..3 {
+            assert_eq!(cb.recv().await.unwrap(), Some(wm(i)));
+        }
+        assert_eq!(cb.recv().await.unwrap(), None);
+        // The writer has stopped: sends fail.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ca.send(wm(9)).await.is_ok() {
+            assert!(Instant::now() < deadline, "writer still alive after cut");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Reads on the cut side fail too.
+        let (_, mut ra, _) = ca.split();
+        assert!(ra.recv().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn cut_after_bytes_mid_frame() {
+        let (a, b) = pair_configs();
+        let one = frame(&wm(0)).len() as u64;
+        let plan = FaultPlan {
+            cut_after_bytes: Some(one + 3),
+            ..FaultPlan::default()
+        };
+        let (ca, mut cb) = memory_pair_with_faults(&a, &b, plan, FaultPlan::default())
+            .await
+            .unwrap();
+        ca.send(wm(0)).await.unwrap();
+        ca.send(wm(1)).await.unwrap();
+        assert_eq!(cb.recv().await.unwrap(), Some(wm(0)));
+        let err = cb.recv().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NetError::Decode(sync_core::DecodeError::Truncated { have: 3, .. })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn flipped_byte_is_a_decode_error() {
+        let (a, b) = pair_configs();
+        let plan = FaultPlan {
+            flip_byte_at: Some(0),
+            ..FaultPlan::default()
+        };
+        let (ca, mut cb) = memory_pair_with_faults(&a, &b, plan, FaultPlan::default())
+            .await
+            .unwrap();
+        ca.send(wm(0)).await.unwrap();
+        let err = cb.recv().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NetError::Decode(sync_core::DecodeError::FrameTooLarge { .. })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn delay_holds_writes_back() {
+        let (a, b) = pair_configs();
+        let plan = FaultPlan {
+            delay: Some(Duration::from_millis(200)),
+            ..FaultPlan::default()
+        };
+        let (mut ca, mut cb) = memory_pair_with_faults(&a, &b, FaultPlan::default(), plan)
+            .await
+            .unwrap();
+        let t = Instant::now();
+        cb.send(wm(1)).await.unwrap();
+        assert_eq!(ca.recv().await.unwrap(), Some(wm(1)));
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
+        // The other direction is not delayed.
+        let t = Instant::now();
+        ca.send(wm(2)).await.unwrap();
+        assert_eq!(cb.recv().await.unwrap(), Some(wm(2)));
+        assert!(t.elapsed() < Duration::from_millis(150));
+    }
+
+    #[tokio::test]
+    async fn tls_flipped_byte_breaks_the_record() {
+        let (scfg, listener) = server().await;
+        let client = good_client(&scfg);
+        let addr = listener.local_addr().to_string();
+        let plan = FaultPlan {
+            flip_byte_at: Some(10),
+            ..FaultPlan::default()
+        };
+        let (c, s) = tokio::join!(dial_with_faults(&addr, &client, plan), listener.accept());
+        let (c, mut s) = (c.unwrap(), s.unwrap());
+        c.send(wm(1)).await.unwrap();
+        let err = s.recv().await.unwrap_err();
+        assert!(matches!(err, NetError::Tls(_)), "{err:?}");
+        still_serving(&scfg, &listener).await;
+    }
+
+    #[tokio::test]
+    async fn tls_cut_after_records() {
+        let (scfg, listener) = server().await;
+        let client = good_client(&scfg);
+        let addr = listener.local_addr().to_string();
+        let plan = FaultPlan {
+            cut_after_frames: Some(2),
+            ..FaultPlan::default()
+        };
+        let (c, s) = tokio::join!(dial_with_faults(&addr, &client, plan), listener.accept());
+        let (c, mut s) = (c.unwrap(), s.unwrap());
+        for i in 0..4 {
+            // Sends after the cut fail: the writer task has stopped.
+            let _ = c.send(wm(i)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(s.recv().await.unwrap(), Some(wm(0)));
+        assert_eq!(s.recv().await.unwrap(), Some(wm(1)));
+        // TCP closed without close_notify: an error, not a clean close.
+        assert!(s.recv().await.is_err());
+        still_serving(&scfg, &listener).await;
+    }
+}

@@ -1,0 +1,788 @@
+//! Database snapshots: export one owner's records into a standalone SQLite
+//! file, serve it in chunks, download chunks resumably, verify and import.
+//!
+//! Export runs on its own pinned connection to the new file (ATTACH through
+//! a pool would attach one pooled connection only), with the library
+//! attached and read in one read transaction, so the file is consistent
+//! with a single watermark. Import verifies size, whole-file hash, SQLite
+//! header, schema and manifest before touching the library, then copies in
+//! ONE transaction on the writer ("higher seq wins") and sets the watermark.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use sea_orm::sqlx::ConnectOptions as _;
+use sea_orm::sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sea_orm::{ConnectionTrait, DatabaseConnection, SqlxSqliteConnector, TransactionTrait, Value};
+use sha2::{Digest, Sha256};
+use sync_core::{DeviceId, Hash, IndexId, SNAPSHOT_CHUNK_SIZE, Seq, SnapshotId, Watermark};
+use tracing::Instrument;
+
+use crate::error::{Result, StorageError};
+use crate::migration::{SNAPSHOT_COLUMNS, SNAPSHOT_FORMAT, SNAPSHOT_SCHEMA};
+use crate::rows::{blob, col, exec, i2u, id16, query, query_one, u2i};
+use crate::types::{ChunkInfo, SnapshotManifest, SnapshotOfferInfo};
+use crate::write::drop_owner_rows;
+use crate::{BUSY_TIMEOUT, Store, owner_state, set_watermark};
+
+/// The first 16 bytes of every SQLite database file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+fn io_err(e: tokio::task::JoinError) -> StorageError {
+    StorageError::Io(std::io::Error::other(e))
+}
+
+fn sqlx_err(e: sea_orm::sqlx::Error) -> StorageError {
+    StorageError::Db(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(
+        e.into(),
+    )))
+}
+
+/// Number of chunks of a file of `bytes` bytes.
+fn chunk_count(bytes: u64) -> u64 {
+    bytes.div_ceil(SNAPSHOT_CHUNK_SIZE as u64)
+}
+
+/// Uncompressed length of chunk `index` of a file of `bytes` bytes.
+fn chunk_len(bytes: u64, index: u32) -> u64 {
+    let start = u64::from(index) * SNAPSHOT_CHUNK_SIZE as u64;
+    bytes.saturating_sub(start).min(SNAPSHOT_CHUNK_SIZE as u64)
+}
+
+/// Size, whole-file SHA-256 and per-chunk SHA-256 of a file.
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<(u64, Hash, Vec<ChunkInfo>)> {
+    let mut f = File::open(path)?;
+    let mut whole = Sha256::new();
+    let mut chunks = Vec::new();
+    let mut buf = vec![0u8; SNAPSHOT_CHUNK_SIZE];
+    let mut bytes = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = f.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        let piece = &buf[..filled];
+        whole.update(piece);
+        chunks.push(ChunkInfo {
+            hash: Sha256::digest(piece).into(),
+            len: filled as u32,
+        });
+        bytes += filled as u64;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    Ok((bytes, whole.finalize().into(), chunks))
+}
+
+/// Reads chunk `index` of a file of `bytes` bytes.
+pub(crate) fn read_chunk_at(path: &Path, bytes: u64, index: u32) -> std::io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(
+        u64::from(index) * SNAPSHOT_CHUNK_SIZE as u64,
+    ))?;
+    let mut buf = vec![0u8; chunk_len(bytes, index) as usize];
+    f.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// A single-connection pool on a snapshot file (the connection is pinned:
+/// ATTACH and the transaction run on it).
+async fn single_connection(opts: SqliteConnectOptions) -> Result<DatabaseConnection> {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with(opts.busy_timeout(BUSY_TIMEOUT).disable_statement_logging())
+        .await
+        .map_err(sqlx_err)?;
+    Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
+}
+
+impl Store {
+    /// Exports every record of `owner` into a fresh SQLite file
+    /// `snapshots/<id>.db` with a manifest row, chunks and hashes it, and
+    /// records the manifest so [`Store::snapshot_manifest`] finds it again.
+    pub async fn export_snapshot(&self, owner: DeviceId) -> Result<SnapshotManifest> {
+        let id = SnapshotId::new_v7();
+        let span = tracing::info_span!(
+            "export_snapshot",
+            owner = %owner.fmt_short(),
+            snapshot = %id.fmt_short()
+        );
+        async move {
+            let path = self.inner.snapshots_dir.join(format!("{id}.db"));
+            let built = self.build_snapshot_file(owner, &path).await;
+            let (index_id, max_seq, records) = match built {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return Err(e);
+                }
+            };
+            let p = path.clone();
+            let (bytes, hash, chunks) = tokio::task::spawn_blocking(move || {
+                File::open(&p)?.sync_all()?;
+                hash_file(&p)
+            })
+            .await
+            .map_err(io_err)??;
+            let manifest = SnapshotManifest {
+                id,
+                owner,
+                index_id,
+                max_seq,
+                entries: records,
+                bytes,
+                chunks,
+                hash,
+                path,
+            };
+            self.save_manifest(&manifest).await?;
+            tracing::info!(
+                records,
+                bytes,
+                chunks = manifest.chunks.len(),
+                max_seq = max_seq.0,
+                "snapshot exported"
+            );
+            Ok(manifest)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Writes the snapshot file: returns (index_id, max_seq, records).
+    async fn build_snapshot_file(
+        &self,
+        owner: DeviceId,
+        path: &Path,
+    ) -> Result<(IndexId, Seq, u64)> {
+        let conn = single_connection(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Off)
+                .synchronous(SqliteSynchronous::Off)
+                .foreign_keys(false),
+        )
+        .await?;
+        let result = async {
+            let lib = self.inner.db_path.to_string_lossy().into_owned();
+            exec(&conn, "ATTACH DATABASE ? AS lib", vec![lib.into()]).await?;
+            let txn = conn.begin().await?;
+            for sql in SNAPSHOT_SCHEMA {
+                txn.execute_unprepared(sql).await?;
+            }
+            let row = query_one(
+                &txn,
+                "SELECT local, index_id, seq FROM lib.owner_state WHERE owner = ?",
+                vec![blob(owner.to_bytes())],
+            )
+            .await?
+            .ok_or(StorageError::UnknownOwner { owner })?;
+            let index_id = IndexId(i2u(col(&row, 1)?));
+            let max_seq = Seq(i2u(col(&row, 2)?));
+            let params = || vec![blob(owner.to_bytes()), Value::BigInt(Some(u2i(max_seq.0)))];
+            let locs = exec(
+                &txn,
+                "INSERT INTO main.location (id, owner, path, name, seq, deleted) \
+                 SELECT id, owner, path, name, seq, deleted FROM lib.location \
+                 WHERE owner = ?1 AND seq <= ?2 ORDER BY id",
+                params(),
+            )
+            .await?
+            .rows_affected();
+            let ents = exec(
+                &txn,
+                "INSERT INTO main.entry (id, owner, location, parent, name, kind, size, inode, \
+                 created_at, modified_at, seq, deleted) \
+                 SELECT id, owner, location, parent, name, kind, size, inode, created_at, \
+                 modified_at, seq, deleted FROM lib.entry \
+                 WHERE owner = ?1 AND seq <= ?2 ORDER BY id",
+                params(),
+            )
+            .await?
+            .rows_affected();
+            let records = locs + ents;
+            exec(
+                &txn,
+                "INSERT INTO main.manifest (format, owner, index_id, max_seq, records) \
+                 VALUES (?, ?, ?, ?, ?)",
+                vec![
+                    Value::BigInt(Some(SNAPSHOT_FORMAT)),
+                    blob(owner.to_bytes()),
+                    Value::BigInt(Some(u2i(index_id.0))),
+                    Value::BigInt(Some(u2i(max_seq.0))),
+                    Value::BigInt(Some(u2i(records))),
+                ],
+            )
+            .await?;
+            txn.commit().await?;
+            exec(&conn, "DETACH DATABASE lib", vec![]).await?;
+            Ok((index_id, max_seq, records))
+        }
+        .await;
+        conn.close_by_ref().await.ok();
+        result
+    }
+
+    async fn save_manifest(&self, m: &SnapshotManifest) -> Result<()> {
+        let mut chunk_hashes = Vec::with_capacity(m.chunks.len() * 32);
+        for c in &m.chunks {
+            chunk_hashes.extend_from_slice(&c.hash);
+        }
+        let _guard = self.inner.write_lock.lock().await;
+        exec(
+            &self.inner.writer,
+            "INSERT INTO snapshot (id, owner, index_id, max_seq, records, bytes, hash, \
+             chunk_hashes, path, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            vec![
+                blob(m.id.to_bytes()),
+                blob(m.owner.to_bytes()),
+                Value::BigInt(Some(u2i(m.index_id.0))),
+                Value::BigInt(Some(u2i(m.max_seq.0))),
+                Value::BigInt(Some(u2i(m.entries))),
+                Value::BigInt(Some(u2i(m.bytes))),
+                Value::Bytes(Some(m.hash.to_vec())),
+                Value::Bytes(Some(chunk_hashes)),
+                Value::String(Some(m.path.to_string_lossy().into_owned())),
+                Value::BigInt(Some(chrono::Utc::now().timestamp_micros())),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The manifest of a snapshot exported here, if known.
+    pub async fn snapshot_manifest(&self, id: SnapshotId) -> Result<Option<SnapshotManifest>> {
+        let row = query_one(
+            &self.inner.reader,
+            "SELECT owner, index_id, max_seq, records, bytes, hash, chunk_hashes, path \
+             FROM snapshot WHERE id = ?",
+            vec![blob(id.to_bytes())],
+        )
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let bytes = i2u(col(&row, 4)?);
+        let hash: Vec<u8> = col(&row, 5)?;
+        let hashes: Vec<u8> = col(&row, 6)?;
+        if hashes.len() as u64 != chunk_count(bytes) * 32 {
+            return Err(StorageError::Corrupt(format!(
+                "snapshot {} lists {} chunk hash bytes for {bytes} bytes",
+                id.fmt_short(),
+                hashes.len()
+            )));
+        }
+        let chunks = hashes
+            .chunks_exact(32)
+            .enumerate()
+            .map(|(i, h)| {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(h);
+                ChunkInfo {
+                    hash,
+                    len: chunk_len(bytes, i as u32) as u32,
+                }
+            })
+            .collect();
+        Ok(Some(SnapshotManifest {
+            id,
+            owner: DeviceId::from_bytes(id16(&col::<Vec<u8>>(&row, 0)?)?),
+            index_id: IndexId(i2u(col(&row, 1)?)),
+            max_seq: Seq(i2u(col(&row, 2)?)),
+            entries: i2u(col(&row, 3)?),
+            bytes,
+            chunks,
+            hash: hash
+                .try_into()
+                .map_err(|_| StorageError::Corrupt("snapshot hash is not 32 bytes".into()))?,
+            path: PathBuf::from(col::<String>(&row, 7)?),
+        }))
+    }
+
+    /// Chunk `index` of an exported snapshot: (SHA-256 of the raw chunk,
+    /// size-prepended lz4 block of it).
+    pub async fn read_snapshot_chunk(
+        &self,
+        manifest: &SnapshotManifest,
+        index: u32,
+    ) -> Result<(Hash, Vec<u8>)> {
+        let chunks = manifest.chunks.len() as u32;
+        if index >= chunks {
+            return Err(StorageError::NoSuchChunk { index, chunks });
+        }
+        let path = manifest.path.clone();
+        let bytes = manifest.bytes;
+        tokio::task::spawn_blocking(move || {
+            let raw = read_chunk_at(&path, bytes, index)?;
+            let hash: Hash = Sha256::digest(&raw).into();
+            Ok((hash, sync_core::codec::compress(&raw)))
+        })
+        .await
+        .map_err(io_err)?
+    }
+
+    /// Starts (or resumes) downloading an offered snapshot into
+    /// `incoming/<id>.part`. A partial download of the same offer resumes at
+    /// its persisted next chunk; the part file is cut back to that chunk.
+    pub async fn begin_download(&self, offer: &SnapshotOfferInfo) -> Result<SnapshotDownload> {
+        if offer.bytes == 0 || chunk_count(offer.bytes) != u64::from(offer.chunks) {
+            return Err(StorageError::BadOffer(format!(
+                "{} bytes do not make {} chunks of {} bytes",
+                offer.bytes, offer.chunks, SNAPSHOT_CHUNK_SIZE
+            )));
+        }
+        let part = self.inner.incoming_dir.join(format!("{}.part", offer.id));
+        let state = self.inner.incoming_dir.join(format!("{}.next", offer.id));
+        let offer = *offer;
+        let (file, next) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
+            let persisted = std::fs::read_to_string(&state).ok().and_then(|s| {
+                let mut it = s.split_whitespace();
+                let next: u32 = it.next()?.parse().ok()?;
+                let hash = it.next()?;
+                let bytes: u64 = it.next()?.parse().ok()?;
+                (hash == hex::encode(offer.hash) && bytes == offer.bytes).then_some(next)
+            });
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&part)?;
+            let have = file.metadata()?.len() / SNAPSHOT_CHUNK_SIZE as u64;
+            let next =
+                persisted.map_or(0, |n| u64::from(n).min(have).min(u64::from(offer.chunks))) as u32;
+            file.set_len(u64::from(next) * SNAPSHOT_CHUNK_SIZE as u64)?;
+            file.sync_all()?;
+            write_state(&state, next, &offer)?;
+            Ok((file, next))
+        })
+        .await
+        .map_err(io_err)??;
+        tracing::info!(
+            snapshot = %offer.id.fmt_short(),
+            next_chunk = next,
+            chunks = offer.chunks,
+            "snapshot download"
+        );
+        Ok(SnapshotDownload {
+            offer,
+            part: self.inner.incoming_dir.join(format!("{}.part", offer.id)),
+            state: self.inner.incoming_dir.join(format!("{}.next", offer.id)),
+            file,
+            next,
+        })
+    }
+
+    /// Verifies a complete download against its offer (size, whole-file
+    /// hash, SQLite, schema, manifest row and record count) and imports it
+    /// in ONE transaction: "higher seq wins", watermark `(index_id, max_seq)`
+    /// (the owner's old rows dropped first if the IndexId differs). The
+    /// download's files are removed afterwards. Any failure leaves the library unchanged.
+    pub async fn import_snapshot(&self, download: SnapshotDownload) -> Result<Watermark> {
+        let offer = download.offer;
+        let span = tracing::info_span!(
+            "import_snapshot",
+            owner = %offer.owner.fmt_short(),
+            snapshot = %offer.id.fmt_short(),
+            records = offer.entries,
+            bytes = offer.bytes
+        );
+        async move {
+            if self.inner.device.get().map(|d| d.device_id) == Some(offer.owner) {
+                return Err(StorageError::LocalOwner { owner: offer.owner });
+            }
+            if download.next < offer.chunks {
+                return Err(StorageError::Truncated {
+                    have: download.next,
+                    need: offer.chunks,
+                });
+            }
+            let SnapshotDownload {
+                part, state, file, ..
+            } = download;
+            drop(file);
+            let p = part.clone();
+            tokio::task::spawn_blocking(move || verify_file(&p, &offer))
+                .await
+                .map_err(io_err)??;
+            check_snapshot_db(&part, &offer).await?;
+            let w = self.copy_snapshot(&part, &offer).await?;
+            let _ = tokio::fs::remove_file(&part).await;
+            let _ = tokio::fs::remove_file(&state).await;
+            tracing::info!(index = %w.index_id, seq = w.seq.0, "snapshot imported");
+            Ok(w)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The ATTACH-copy on the writer, in one transaction; always detaches.
+    async fn copy_snapshot(&self, part: &Path, offer: &SnapshotOfferInfo) -> Result<Watermark> {
+        let _guard = self.inner.write_lock.lock().await;
+        let writer = &self.inner.writer;
+        exec(
+            writer,
+            "ATTACH DATABASE ? AS snap",
+            vec![part.to_string_lossy().into_owned().into()],
+        )
+        .await?;
+        let result = async {
+            let txn = writer.begin().await?;
+            match copy_in(&txn, offer).await {
+                Ok(w) => {
+                    txn.commit().await?;
+                    Ok(w)
+                }
+                Err(e) => {
+                    txn.rollback().await?;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        let detached = exec(writer, "DETACH DATABASE snap", vec![]).await;
+        let w = result?;
+        detached?;
+        Ok(w)
+    }
+}
+
+/// The copy inside the import transaction.
+async fn copy_in<C: ConnectionTrait>(txn: &C, offer: &SnapshotOfferInfo) -> Result<Watermark> {
+    let owner = offer.owner;
+    let held = owner_state(txn, owner).await?;
+    if held.is_some_and(|s| s.local) {
+        return Err(StorageError::LocalOwner { owner });
+    }
+    let reset = held.is_some_and(|s| s.watermark.index_id != offer.index_id);
+    if reset {
+        tracing::info!(index = %offer.index_id, "new index of owner: dropping its old rows");
+        drop_owner_rows(txn, owner).await?;
+    }
+    let foreign = query_one(
+        txn,
+        "SELECT count(*) FROM snap.location s JOIN main.location m ON m.id = s.id \
+         WHERE m.owner != s.owner",
+        vec![],
+    )
+    .await?;
+    if let Some(r) = foreign
+        && col::<i64>(&r, 0)? > 0
+    {
+        return Err(StorageError::ForeignOwner {
+            owner,
+            detail: "snapshot holds a location id stored under another owner".into(),
+        });
+    }
+    exec(
+        txn,
+        "INSERT INTO main.location (id, owner, path, name, seq, deleted) \
+         SELECT id, owner, path, name, seq, deleted FROM snap.location WHERE true \
+         ON CONFLICT(id) DO UPDATE SET path = excluded.path, name = excluded.name, \
+         seq = excluded.seq, deleted = excluded.deleted \
+         WHERE excluded.seq > location.seq AND excluded.owner = location.owner",
+        vec![],
+    )
+    .await?;
+    exec(
+        txn,
+        "INSERT INTO main.entry (id, owner, location, parent, name, kind, size, inode, \
+         created_at, modified_at, seq, deleted) \
+         SELECT id, owner, location, parent, name, kind, size, inode, created_at, \
+         modified_at, seq, deleted FROM snap.entry WHERE true \
+         ON CONFLICT(id) DO UPDATE SET location = excluded.location, parent = excluded.parent, \
+         name = excluded.name, kind = excluded.kind, size = excluded.size, inode = excluded.inode, \
+         created_at = excluded.created_at, modified_at = excluded.modified_at, \
+         seq = excluded.seq, deleted = excluded.deleted \
+         WHERE excluded.seq > entry.seq AND excluded.owner = entry.owner",
+        vec![],
+    )
+    .await?;
+    let seq = match held {
+        Some(s) if !reset => s.watermark.seq.max(offer.max_seq),
+        _ => offer.max_seq,
+    };
+    let w = Watermark::new(offer.index_id, seq);
+    set_watermark(txn, owner, w).await?;
+    Ok(w)
+}
+
+/// Size, whole-file hash and SQLite header of a downloaded file.
+fn verify_file(path: &Path, offer: &SnapshotOfferInfo) -> Result<()> {
+    let (bytes, hash, _) = hash_file(path)?;
+    if bytes != offer.bytes {
+        return Err(StorageError::SizeMismatch {
+            have: bytes,
+            expected: offer.bytes,
+        });
+    }
+    if hash != offer.hash {
+        return Err(StorageError::FileHashMismatch {
+            have: hash,
+            expected: offer.hash,
+        });
+    }
+    let mut magic = [0u8; 16];
+    let mut f = File::open(path)?;
+    if f.read_exact(&mut magic).is_err() || &magic != SQLITE_MAGIC {
+        return Err(StorageError::NotSqlite(
+            "the file does not start with the SQLite header".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the file read-only and checks schema, manifest row and content against the offer.
+async fn check_snapshot_db(path: &Path, offer: &SnapshotOfferInfo) -> Result<()> {
+    let conn = single_connection(
+        SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .foreign_keys(false),
+    )
+    .await
+    .map_err(|e| StorageError::NotSqlite(e.to_string()))?;
+    let result = check_snapshot_conn(&conn, offer).await;
+    conn.close_by_ref().await.ok();
+    result
+}
+
+async fn check_snapshot_conn(conn: &DatabaseConnection, offer: &SnapshotOfferInfo) -> Result<()> {
+    query(conn, "SELECT name FROM sqlite_master", vec![])
+        .await
+        .map_err(|e| StorageError::NotSqlite(e.to_string()))?;
+    for (table, expected) in SNAPSHOT_COLUMNS {
+        let rows = query(
+            conn,
+            "SELECT name FROM pragma_table_info(?) ORDER BY cid",
+            vec![(*table).into()],
+        )
+        .await?;
+        let have = rows
+            .iter()
+            .map(|r| col::<String>(r, 0))
+            .collect::<Result<Vec<String>>>()?;
+        if have != *expected {
+            return Err(StorageError::WrongSchema(format!(
+                "table `{table}` has columns {have:?}, expected {expected:?}"
+            )));
+        }
+    }
+    let rows = query(
+        conn,
+        "SELECT format, owner, index_id, max_seq, records FROM manifest",
+        vec![],
+    )
+    .await?;
+    let [row] = rows.as_slice() else {
+        return Err(StorageError::ManifestMismatch(format!(
+            "{} manifest rows, expected 1",
+            rows.len()
+        )));
+    };
+    let mismatch = |what: &str, have: String, want: String| {
+        StorageError::ManifestMismatch(format!("{what} is {have} in the file, {want} in the offer"))
+    };
+    let format: i64 = col(row, 0)?;
+    if format != SNAPSHOT_FORMAT {
+        return Err(StorageError::WrongSchema(format!(
+            "snapshot format {format}"
+        )));
+    }
+    let owner = DeviceId::from_bytes(
+        id16(&col::<Vec<u8>>(row, 1)?)
+            .map_err(|e| StorageError::ManifestMismatch(e.to_string()))?,
+    );
+    if owner != offer.owner {
+        return Err(mismatch(
+            "owner",
+            owner.to_string(),
+            offer.owner.to_string(),
+        ));
+    }
+    let index_id = IndexId(i2u(col(row, 2)?));
+    if index_id != offer.index_id {
+        return Err(mismatch(
+            "index id",
+            index_id.to_string(),
+            offer.index_id.to_string(),
+        ));
+    }
+    let max_seq = Seq(i2u(col(row, 3)?));
+    if max_seq != offer.max_seq {
+        return Err(mismatch(
+            "max seq",
+            max_seq.to_string(),
+            offer.max_seq.to_string(),
+        ));
+    }
+    let records = i2u(col(row, 4)?);
+    if records != offer.entries {
+        return Err(mismatch(
+            "record count",
+            records.to_string(),
+            offer.entries.to_string(),
+        ));
+    }
+    let row = query_one(
+        conn,
+        "SELECT (SELECT count(*) FROM location) + (SELECT count(*) FROM entry), \
+         (SELECT count(*) FROM location WHERE owner != ?1 OR seq <= 0 OR seq > ?2 \
+            OR length(id) != 16 OR deleted NOT IN (0, 1)) \
+         + (SELECT count(*) FROM entry WHERE owner != ?1 OR seq <= 0 OR seq > ?2 \
+            OR length(id) != 16 OR kind NOT BETWEEN 0 AND 2 OR deleted NOT IN (0, 1)), \
+         (SELECT count(*) FROM entry WHERE location NOT IN (SELECT id FROM location))",
+        vec![
+            blob(offer.owner.to_bytes()),
+            Value::BigInt(Some(u2i(offer.max_seq.0))),
+        ],
+    )
+    .await?
+    .ok_or_else(|| StorageError::ManifestMismatch("no counts".into()))?;
+    let count = i2u(col(&row, 0)?);
+    if count != records {
+        return Err(StorageError::ManifestMismatch(format!(
+            "the manifest counts {records} records, the file holds {count}"
+        )));
+    }
+    let bad: i64 = col(&row, 1)?;
+    if bad > 0 {
+        return Err(StorageError::ManifestMismatch(format!(
+            "{bad} records of another owner, outside seq 1..={max_seq} or with invalid values"
+        )));
+    }
+    let orphans: i64 = col(&row, 2)?;
+    if orphans > 0 {
+        return Err(StorageError::ManifestMismatch(format!(
+            "{orphans} entries in locations the snapshot does not hold"
+        )));
+    }
+    Ok(())
+}
+
+/// Persists the next chunk to fetch (write then rename: never half-written).
+fn write_state(state: &Path, next: u32, offer: &SnapshotOfferInfo) -> std::io::Result<()> {
+    let tmp = state.with_extension("next.tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        writeln!(f, "{next} {} {}", hex::encode(offer.hash), offer.bytes)?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, state)
+}
+
+/// The in-progress download of one snapshot offer. Dropping it keeps the
+/// partial file: `begin_download` of the same offer resumes it.
+#[derive(Debug)]
+pub struct SnapshotDownload {
+    offer: SnapshotOfferInfo,
+    part: PathBuf,
+    state: PathBuf,
+    file: File,
+    next: u32,
+}
+
+impl SnapshotDownload {
+    /// The snapshot's id.
+    pub fn id(&self) -> SnapshotId {
+        self.offer.id
+    }
+
+    /// The offer being downloaded.
+    pub fn offer(&self) -> &SnapshotOfferInfo {
+        &self.offer
+    }
+
+    /// The next chunk to fetch.
+    pub fn next_chunk(&self) -> u32 {
+        self.next
+    }
+
+    /// Chunks in the snapshot.
+    pub fn chunks(&self) -> u32 {
+        self.offer.chunks
+    }
+
+    /// True once every chunk is written.
+    pub fn is_complete(&self) -> bool {
+        self.next >= self.offer.chunks
+    }
+
+    /// Writes chunk `index` (which must be [`Self::next_chunk`]): `data` is
+    /// the size-prepended lz4 block, `hash` the SHA-256 of the raw chunk.
+    /// The chunk is verified, written, synced, and the next chunk persisted.
+    pub async fn write_chunk(&mut self, index: u32, hash: Hash, data: &[u8]) -> Result<()> {
+        if index != self.next {
+            return Err(StorageError::ChunkOutOfOrder {
+                expected: self.next,
+                got: index,
+            });
+        }
+        if index >= self.offer.chunks {
+            return Err(StorageError::NoSuchChunk {
+                index,
+                chunks: self.offer.chunks,
+            });
+        }
+        let want_len = chunk_len(self.offer.bytes, index) as usize;
+        let data = data.to_vec();
+        let mut file = self.file.try_clone()?;
+        let state = self.state.clone();
+        let offer = self.offer;
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let raw =
+                sync_core::codec::decompress_checked(&data, SNAPSHOT_CHUNK_SIZE).map_err(|e| {
+                    StorageError::CorruptChunk {
+                        index,
+                        reason: e.to_string(),
+                    }
+                })?;
+            if raw.len() != want_len {
+                return Err(StorageError::CorruptChunk {
+                    index,
+                    reason: format!("{} bytes, expected {want_len}", raw.len()),
+                });
+            }
+            let have: Hash = Sha256::digest(&raw).into();
+            if have != hash {
+                return Err(StorageError::ChunkHashMismatch { index });
+            }
+            file.seek(SeekFrom::Start(
+                u64::from(index) * SNAPSHOT_CHUNK_SIZE as u64,
+            ))?;
+            file.write_all(&raw)?;
+            file.sync_data()?;
+            write_state(&state, index + 1, &offer)?;
+            Ok(())
+        })
+        .await
+        .map_err(io_err)??;
+        self.next = index + 1;
+        Ok(())
+    }
+
+    /// Abandons the download and removes its files.
+    pub async fn discard(self) -> Result<()> {
+        drop(self.file);
+        let _ = tokio::fs::remove_file(&self.state).await;
+        match tokio::fs::remove_file(&self.part).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}

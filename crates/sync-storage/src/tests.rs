@@ -1,0 +1,826 @@
+//! Unit tests against real SQLite files in temporary directories.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use chrono::{TimeZone, Utc};
+use sea_orm::ConnectionTrait;
+use sync_core::{
+    DeviceId, Entry, EntryId, EntryKind, IndexId, LibraryId, Location, LocationId, Record, Seq,
+    Strategy, TransferId, Watermark,
+};
+use tempfile::TempDir;
+
+use crate::snapshot::{hash_file, read_chunk_at};
+use crate::*;
+
+async fn open(dir: &TempDir, name: &str) -> Store {
+    Store::open(&dir.path().join(name).join("library.db"))
+        .await
+        .unwrap()
+}
+
+async fn device(dir: &TempDir, name: &str) -> (Store, DeviceId) {
+    let s = open(dir, name).await;
+    let d = s.create_device(name, LibraryId::new_v7()).await.unwrap();
+    (s, d.device_id)
+}
+
+fn location(owner: DeviceId, seq: u64) -> Location {
+    Location {
+        id: LocationId::new_v7(),
+        owner,
+        path: "/home/me/photos".into(),
+        name: "photos".into(),
+        seq: Seq(seq),
+        deleted: false,
+    }
+}
+
+fn entry(loc: LocationId, i: u64, seq: u64) -> Entry {
+    let t = Utc.timestamp_opt(1_700_000_000, 123_456_000).unwrap();
+    Entry {
+        id: EntryId::new_v7(),
+        location: loc,
+        parent: None,
+        name: format!("IMG_{i:06}.jpg"),
+        kind: if i % 10 == 0 {
+            EntryKind::Dir
+        } else {
+            EntryKind::File
+        },
+        size: u64::MAX - i,
+        inode: if i % 7 == 0 { None } else { Some(1 << 63 | i) },
+        created_at: t,
+        modified_at: t + chrono::Duration::microseconds(i as i64),
+        seq: Seq(seq),
+        deleted: false,
+    }
+}
+
+/// A location at seq 1 then `n` entries at seqs 2..=n+1.
+fn batch(owner: DeviceId, n: u64) -> (Location, Vec<Record>) {
+    let loc = location(owner, 1);
+    let mut out = vec![Record::Location(loc.clone())];
+    for i in 0..n {
+        out.push(Record::Entry(entry(loc.id, i, i + 2)));
+    }
+    (loc, out)
+}
+
+/// Everything observable about the library: summaries and watermarks.
+async fn state(s: &Store) -> (Vec<OwnerSummary>, Vec<(DeviceId, Watermark)>) {
+    (s.summaries().await.unwrap(), s.watermarks().await.unwrap())
+}
+
+#[tokio::test]
+async fn apply_is_idempotent_and_order_insensitive() {
+    let dir = TempDir::new().unwrap();
+    let (a, _) = device(&dir, "a").await;
+    let (b, _) = device(&dir, "b").await;
+    let owner = DeviceId::new_v7();
+    let idx = IndexId::random();
+    let (_, recs) = batch(owner, 3000);
+    let w1 = a
+        .apply_batch(owner, idx, Seq(0), Seq(3001), recs.clone())
+        .await
+        .unwrap();
+    assert_eq!(w1, Watermark::new(idx, Seq(3001)));
+    let first = a.summary(owner).await.unwrap();
+    assert_eq!(first.entries, 3000);
+    assert_eq!(first.seq, Seq(3001));
+    // Same batch again: same state.
+    a.apply_batch(owner, idx, Seq(0), Seq(3001), recs.clone())
+        .await
+        .unwrap();
+    assert_eq!(a.summary(owner).await.unwrap(), first);
+    // Reversed order on another store: same state.
+    let mut rev = recs.clone();
+    rev.reverse();
+    b.apply_batch(owner, idx, Seq(0), Seq(3001), rev)
+        .await
+        .unwrap();
+    assert_eq!(b.summary(owner).await.unwrap(), first);
+    // Rows round-trip exactly (u64 bit-casts, micros, options).
+    let loc = match &recs[0] {
+        Record::Location(l) => l.clone(),
+        _ => unreachable!(),
+    };
+    let got = b.location_entries(loc.id).await.unwrap();
+    let want: Vec<Entry> = recs[1..]
+        .iter()
+        .map(|r| match r {
+            Record::Entry(e) => e.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(b.locations().await.unwrap(), vec![loc]);
+    let page = b.records_after(owner, Seq(0), 10_000).await.unwrap();
+    assert_eq!(page, recs);
+}
+
+#[tokio::test]
+async fn older_seq_never_overwrites_and_tombstones_win() {
+    let dir = TempDir::new().unwrap();
+    let (s, _) = device(&dir, "s").await;
+    let owner = DeviceId::new_v7();
+    let idx = IndexId::random();
+    let (loc, recs) = batch(owner, 10);
+    s.apply_batch(owner, idx, Seq(0), Seq(11), recs.clone())
+        .await
+        .unwrap();
+    let mut e0 = match &recs[1] {
+        Record::Entry(e) => e.clone(),
+        _ => unreachable!(),
+    };
+    let mut e1 = match &recs[2] {
+        Record::Entry(e) => e.clone(),
+        _ => unreachable!(),
+    };
+    e0.name = "renamed".into();
+    e0.seq = Seq(12);
+    e1.deleted = true;
+    e1.seq = Seq(13);
+    s.apply_batch(
+        owner,
+        idx,
+        Seq(11),
+        Seq(13),
+        vec![Record::Entry(e0.clone()), Record::Entry(e1.clone())],
+    )
+    .await
+    .unwrap();
+    let after_new = s.summary(owner).await.unwrap();
+    // Replaying the old batch (after 0 <= held 13) changes nothing.
+    let w = s
+        .apply_batch(owner, idx, Seq(0), Seq(11), recs.clone())
+        .await
+        .unwrap();
+    assert_eq!(w, Watermark::new(idx, Seq(13)));
+    assert_eq!(s.summary(owner).await.unwrap(), after_new);
+    assert_eq!(after_new.tombstones, 1);
+    assert_eq!(after_new.entries, 9);
+    let rows = s.location_entries(loc.id).await.unwrap();
+    let got0 = rows.iter().find(|e| e.id == e0.id).unwrap();
+    assert_eq!(got0, &e0);
+    let got1 = rows.iter().find(|e| e.id == e1.id).unwrap();
+    assert!(got1.deleted);
+    assert_eq!(got1.seq, Seq(13));
+}
+
+#[tokio::test]
+async fn refusals_leave_the_library_unchanged() {
+    let dir = TempDir::new().unwrap();
+    let (s, me) = device(&dir, "s").await;
+    let owner = DeviceId::new_v7();
+    let other = DeviceId::new_v7();
+    let idx = IndexId::random();
+    let (loc, recs) = batch(owner, 100);
+    s.apply_batch(owner, idx, Seq(0), Seq(101), recs)
+        .await
+        .unwrap();
+    let (oloc, orecs) = batch(other, 5);
+    s.apply_batch(other, IndexId::random(), Seq(0), Seq(6), orecs)
+        .await
+        .unwrap();
+    let before = state(&s).await;
+
+    // Gap: after 200 but 101 held.
+    let e = s
+        .apply_batch(
+            owner,
+            idx,
+            Seq(200),
+            Seq(201),
+            vec![Record::Entry(entry(loc.id, 1, 201))],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StorageError::Gap {
+                after: Seq(200),
+                held: Seq(101),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("gap"), "{e}");
+    // Gap for an owner nothing is held of.
+    let e = s
+        .apply_batch(DeviceId::new_v7(), idx, Seq(5), Seq(6), vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Gap { held: Seq(0), .. }), "{e}");
+    // Wrong index with after != 0.
+    let e = s
+        .apply_batch(
+            owner,
+            IndexId::random(),
+            Seq(50),
+            Seq(102),
+            vec![Record::Entry(entry(loc.id, 1, 102))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::WrongIndex { .. }), "{e}");
+    // A location claiming another owner.
+    let e = s
+        .apply_batch(
+            owner,
+            idx,
+            Seq(101),
+            Seq(102),
+            vec![Record::Location(location(other, 102))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
+    // An entry in another owner's location, after valid records.
+    let e = s
+        .apply_batch(
+            owner,
+            idx,
+            Seq(101),
+            Seq(103),
+            vec![
+                Record::Entry(entry(loc.id, 1, 102)),
+                Record::Entry(entry(oloc.id, 2, 103)),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
+    // An entry in a location nobody holds.
+    let e = s
+        .apply_batch(
+            owner,
+            idx,
+            Seq(101),
+            Seq(102),
+            vec![Record::Entry(entry(LocationId::new_v7(), 1, 102))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
+    // Seq outside (after, last].
+    let e = s
+        .apply_batch(
+            owner,
+            idx,
+            Seq(101),
+            Seq(102),
+            vec![Record::Entry(entry(loc.id, 1, 103))],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StorageError::BadRange { seq: Seq(103), .. }),
+        "{e}"
+    );
+    let e = s
+        .apply_batch(owner, idx, Seq(101), Seq(100), vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::BadRange { .. }), "{e}");
+    // Own records from outside.
+    let e = s
+        .apply_batch(me, idx, Seq(0), Seq(1), vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::LocalOwner { .. }), "{e}");
+    let e = s.reset_owner(me, IndexId::random()).await.unwrap_err();
+    assert!(matches!(e, StorageError::LocalOwner { .. }), "{e}");
+
+    assert_eq!(state(&s).await, before);
+}
+
+#[tokio::test]
+async fn new_index_after_zero_resets_the_owner() {
+    let dir = TempDir::new().unwrap();
+    let (s, _) = device(&dir, "s").await;
+    let owner = DeviceId::new_v7();
+    let (_, old) = batch(owner, 50);
+    s.apply_batch(owner, IndexId(1), Seq(0), Seq(51), old)
+        .await
+        .unwrap();
+    let (_, new) = batch(owner, 7);
+    let w = s
+        .apply_batch(owner, IndexId(2), Seq(0), Seq(8), new.clone())
+        .await
+        .unwrap();
+    assert_eq!(w, Watermark::new(IndexId(2), Seq(8)));
+    let sum = s.summary(owner).await.unwrap();
+    assert_eq!(sum.entries, 7);
+    assert_eq!(sum.index_id, IndexId(2));
+    assert_eq!(s.records_after(owner, Seq(0), 1000).await.unwrap(), new);
+    // reset_owner drops everything.
+    s.reset_owner(owner, IndexId(3)).await.unwrap();
+    assert_eq!(
+        s.watermark(owner).await.unwrap(),
+        Some(Watermark::new(IndexId(3), Seq(0)))
+    );
+    assert_eq!(s.summary(owner).await.unwrap().entries, 0);
+    assert_eq!(s.count_after(owner, Seq(0)).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn device_lifecycle_and_local_commits() {
+    let dir = TempDir::new().unwrap();
+    let s = open(&dir, "s").await;
+    assert!(s.device().await.unwrap().is_none());
+    assert!(matches!(
+        s.local_watermark().await,
+        Err(StorageError::NotInitialized)
+    ));
+    let d = s
+        .create_device("laptop", LibraryId::new_v7())
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.create_device("again", LibraryId::new_v7()).await,
+        Err(StorageError::AlreadyInitialized { .. })
+    ));
+    let me = d.device_id;
+    let w0 = s.local_watermark().await.unwrap();
+    assert_eq!(w0.seq, Seq(0));
+    assert_ne!(w0.index_id, IndexId(0));
+    assert!(matches!(
+        s.commit_local(DeviceId::new_v7(), vec![]).await,
+        Err(StorageError::NotLocalDevice { .. })
+    ));
+    assert!(matches!(
+        s.commit_local(
+            me,
+            vec![LocalChange::Location(location(DeviceId::new_v7(), 0))]
+        )
+        .await,
+        Err(StorageError::ForeignOwner { .. })
+    ));
+
+    // 25K changes: three transactions.
+    let loc = location(me, 0);
+    let mut changes = vec![LocalChange::Location(loc.clone())];
+    let mut ids = Vec::new();
+    for i in 0..25_000 {
+        let e = entry(loc.id, i, 0);
+        ids.push(e.id);
+        changes.push(LocalChange::Entry(e));
+    }
+    // Deletes of rows committed in an earlier transaction and in the same one.
+    for id in ids.iter().step_by(1000) {
+        changes.push(LocalChange::DeleteEntry(*id));
+    }
+    changes.push(LocalChange::DeleteEntry(ids[24_999]));
+    let n = changes.len() as u64;
+    let r = s.commit_local(me, changes).await.unwrap();
+    assert_eq!(r.first, Seq(1));
+    assert_eq!(r.last, Seq(n));
+    assert_eq!(r.len(), n);
+    assert_eq!(
+        s.local_watermark().await.unwrap(),
+        Watermark::new(w0.index_id, Seq(n))
+    );
+    let sum = s.summary(me).await.unwrap();
+    assert!(sum.local);
+    assert_eq!(sum.seq, Seq(n));
+    assert_eq!(sum.tombstones, 26);
+    assert_eq!(sum.entries, 25_000 - 26);
+
+    // Page through everything in seq order.
+    let mut after = Seq(0);
+    let mut seen = 0u64;
+    loop {
+        let page = s.records_after(me, after, 777).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for r in &page {
+            assert!(r.seq() > after, "seq order");
+            after = r.seq();
+            seen += 1;
+        }
+    }
+    assert_eq!(after, Seq(n));
+    assert_eq!(seen, 25_001);
+    assert_eq!(s.count_after(me, Seq(0)).await.unwrap(), 25_001);
+    assert_eq!(s.count_after(me, Seq(n - 1)).await.unwrap(), 1);
+
+    // Tombstoned in place: other fields kept.
+    let rows = s.location_entries(loc.id).await.unwrap();
+    let first = rows.iter().find(|e| e.id == ids[0]).unwrap();
+    assert!(first.deleted);
+    assert_eq!(first.name, "IMG_000000.jpg");
+
+    // An update re-stamps; deleting a location does not cascade.
+    let mut e = rows[5].clone();
+    e.name = "new-name".into();
+    let r2 = s
+        .commit_local(
+            me,
+            vec![
+                LocalChange::Entry(e.clone()),
+                LocalChange::DeleteLocation(loc.id),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!((r2.first, r2.last), (Seq(n + 1), Seq(n + 2)));
+    let tail = s.records_after(me, Seq(n), 10).await.unwrap();
+    assert_eq!(tail.len(), 2);
+    assert!(matches!(&tail[0], Record::Entry(x) if x.name == "new-name" && x.seq == Seq(n + 1)));
+    assert!(matches!(&tail[1], Record::Location(l) if l.deleted && l.seq == Seq(n + 2)));
+    assert_eq!(s.summary(me).await.unwrap().entries, 25_000 - 26);
+    let empty = s.commit_local(me, vec![]).await.unwrap();
+    assert!(empty.is_empty());
+
+    // Persisted: reopen.
+    s.close().await;
+    let s2 = open(&dir, "s").await;
+    assert_eq!(s2.device().await.unwrap(), Some(d));
+    assert_eq!(s2.summary(me).await.unwrap().seq, Seq(n + 2));
+}
+
+#[tokio::test]
+async fn error_mid_transaction_leaves_rows_and_watermark_consistent() {
+    let dir = TempDir::new().unwrap();
+    let (s, me) = device(&dir, "s").await;
+    let owner = DeviceId::new_v7();
+    let idx = IndexId::random();
+    let (loc, recs) = batch(owner, 100);
+    s.apply_batch(owner, idx, Seq(0), Seq(101), recs)
+        .await
+        .unwrap();
+    s.inner
+        .writer
+        .execute_unprepared(
+            "CREATE TRIGGER poison BEFORE INSERT ON entry WHEN NEW.name = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+        )
+        .await
+        .unwrap();
+    let before = state(&s).await;
+    // A big batch with the poisoned row in the middle (by id order too).
+    let mut big = Vec::new();
+    for i in 0..5000u64 {
+        let mut e = entry(loc.id, i, 102 + i);
+        if i == 2500 {
+            e.name = "poison".into();
+        }
+        big.push(Record::Entry(e));
+    }
+    let e = s
+        .apply_batch(owner, idx, Seq(101), Seq(5101), big)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Db(_)), "{e}");
+    assert!(e.to_string().contains("injected failure"), "{e}");
+    assert_eq!(state(&s).await, before);
+
+    // Local commit over several transactions: the failing one rolls back
+    // whole, earlier ones stay, max seq matches the rows.
+    let l = location(me, 0);
+    let mut changes = vec![LocalChange::Location(l.clone())];
+    for i in 0..25_000u64 {
+        let mut e = entry(l.id, i, 0);
+        if i == 15_000 {
+            e.name = "poison".into();
+        }
+        changes.push(LocalChange::Entry(e));
+    }
+    assert!(s.commit_local(me, changes).await.is_err());
+    let w = s.local_watermark().await.unwrap();
+    assert_eq!(w.seq, Seq(10_000));
+    assert_eq!(s.count_after(me, Seq(0)).await.unwrap(), 10_000);
+    let last = s.records_after(me, Seq(9_999), 10).await.unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].seq(), Seq(10_000));
+}
+
+#[tokio::test]
+async fn checkpoints_round_trip() {
+    let dir = TempDir::new().unwrap();
+    let s = open(&dir, "s").await;
+    let t = Utc.timestamp_opt(1_700_000_000, 5_000).unwrap();
+    let mut c = Checkpoint {
+        transfer: TransferId::new_v7(),
+        peer: DeviceId::new_v7(),
+        owner: DeviceId::new_v7(),
+        direction: Direction::Receive,
+        strategy: Strategy::Snapshot,
+        last_acked: Seq(u64::MAX - 1),
+        snapshot: Some(sync_core::SnapshotId::new_v7()),
+        next_chunk: 7,
+        attempts: 2,
+        state: TransferState::Running,
+        started_at: t,
+        updated_at: t,
+    };
+    s.save_checkpoint(&c).await.unwrap();
+    assert_eq!(
+        s.load_checkpoint(c.transfer).await.unwrap(),
+        Some(c.clone())
+    );
+    c.state = TransferState::Failed;
+    c.snapshot = None;
+    c.strategy = Strategy::Batches;
+    c.direction = Direction::Send;
+    s.save_checkpoint(&c).await.unwrap();
+    let c2 = Checkpoint {
+        transfer: TransferId::new_v7(),
+        state: TransferState::Completed,
+        started_at: t + chrono::Duration::seconds(1),
+        ..c.clone()
+    };
+    s.save_checkpoint(&c2).await.unwrap();
+    assert_eq!(s.list_checkpoints().await.unwrap(), vec![c.clone(), c2]);
+    assert_eq!(s.load_checkpoint(TransferId::new_v7()).await.unwrap(), None);
+}
+
+// ---------------------------------------------------------------- snapshots
+
+/// A local device with `n` entries (long names: several chunks) and some tombstones.
+async fn populated(dir: &TempDir, name: &str, n: u64) -> (Store, DeviceId) {
+    let (s, me) = device(dir, name).await;
+    let loc = location(me, 0);
+    let mut changes = vec![LocalChange::Location(loc.clone())];
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut e = entry(loc.id, i, 0);
+        e.name = format!("{i:08}-{}", "x".repeat(200));
+        ids.push(e.id);
+        changes.push(LocalChange::Entry(e));
+    }
+    for id in ids.iter().step_by(97) {
+        changes.push(LocalChange::DeleteEntry(*id));
+    }
+    s.commit_local(me, changes).await.unwrap();
+    (s, me)
+}
+
+/// Downloads every chunk of `manifest` into `to` and imports it.
+async fn transfer(from: &Store, manifest: &SnapshotManifest, to: &Store) -> Result<Watermark> {
+    let mut d = to.begin_download(&manifest.offer()).await?;
+    while !d.is_complete() {
+        let i = d.next_chunk();
+        let (hash, data) = from.read_snapshot_chunk(manifest, i).await?;
+        d.write_chunk(i, hash, &data).await?;
+    }
+    to.import_snapshot(d).await
+}
+
+/// Serves an arbitrary file as a snapshot with the given offer fields.
+async fn offer_file(
+    to: &Store,
+    path: &Path,
+    owner: DeviceId,
+    index_id: IndexId,
+    max_seq: Seq,
+    entries: u64,
+) -> Result<Watermark> {
+    let (bytes, hash, chunks) = hash_file(path).unwrap();
+    let offer = SnapshotOfferInfo {
+        id: sync_core::SnapshotId::new_v7(),
+        owner,
+        index_id,
+        max_seq,
+        entries,
+        bytes,
+        chunks: chunks.len() as u32,
+        hash,
+    };
+    let mut d = to.begin_download(&offer).await?;
+    for (i, c) in chunks.iter().enumerate() {
+        let raw = read_chunk_at(path, bytes, i as u32).unwrap();
+        d.write_chunk(i as u32, c.hash, &sync_core::codec::compress(&raw))
+            .await?;
+    }
+    to.import_snapshot(d).await
+}
+
+#[tokio::test]
+async fn snapshot_export_import_round_trip() {
+    let dir = TempDir::new().unwrap();
+    let (a, me) = populated(&dir, "a", 12_000).await;
+    let m = a.export_snapshot(me).await.unwrap();
+    assert!(m.chunks.len() >= 3, "{} chunks", m.chunks.len());
+    assert_eq!(m.entries, 12_001);
+    assert_eq!(a.snapshot_manifest(m.id).await.unwrap(), Some(m.clone()));
+    assert!(
+        a.snapshot_manifest(sync_core::SnapshotId::new_v7())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        a.read_snapshot_chunk(&m, m.chunks.len() as u32).await,
+        Err(StorageError::NoSuchChunk { .. })
+    ));
+
+    let (b, _) = device(&dir, "b").await;
+    let w = transfer(&a, &m, &b).await.unwrap();
+    let wa = a.local_watermark().await.unwrap();
+    assert_eq!(w, wa);
+    assert_eq!(b.watermark(me).await.unwrap(), Some(wa));
+    let sa = a.summary(me).await.unwrap();
+    let sb = b.summary(me).await.unwrap();
+    assert_eq!(
+        (
+            sa.fingerprint,
+            sa.entries,
+            sa.tombstones,
+            sa.seq,
+            sa.index_id
+        ),
+        (
+            sb.fingerprint,
+            sb.entries,
+            sb.tombstones,
+            sb.seq,
+            sb.index_id
+        )
+    );
+    assert!(!sb.local);
+    // The downloaded file is gone.
+    assert_eq!(std::fs::read_dir(b.incoming_dir()).unwrap().count(), 0);
+    // Batches continue from the snapshot's max_seq.
+    assert_eq!(b.count_after(me, Seq(0)).await.unwrap(), 12_001);
+
+    // A remote owner's records can be re-exported (B -> C).
+    let m2 = b.export_snapshot(me).await.unwrap();
+    let (c, _) = device(&dir, "c").await;
+    transfer(&b, &m2, &c).await.unwrap();
+    assert_eq!(c.summary(me).await.unwrap().fingerprint, sa.fingerprint);
+    // Importing into the owner itself is refused.
+    let e = transfer(&b, &m2, &a).await.unwrap_err();
+    assert!(matches!(e, StorageError::LocalOwner { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn snapshot_download_resumes_after_drop() {
+    let dir = TempDir::new().unwrap();
+    let (a, me) = populated(&dir, "a", 12_000).await;
+    let m = a.export_snapshot(me).await.unwrap();
+    let (b, _) = device(&dir, "b").await;
+    let mut d = b.begin_download(&m.offer()).await.unwrap();
+    for i in 0..2 {
+        let (h, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
+        d.write_chunk(i, h, &data).await.unwrap();
+    }
+    // Out of order is refused.
+    let (h, data) = a.read_snapshot_chunk(&m, 3).await.unwrap();
+    assert!(matches!(
+        d.write_chunk(3, h, &data).await,
+        Err(StorageError::ChunkOutOfOrder {
+            expected: 2,
+            got: 3
+        })
+    ));
+    drop(d);
+    let mut d = b.begin_download(&m.offer()).await.unwrap();
+    assert_eq!(d.next_chunk(), 2);
+    assert_eq!(d.chunks(), m.chunks.len() as u32);
+    assert_eq!(d.id(), m.id);
+    while !d.is_complete() {
+        let i = d.next_chunk();
+        let (h, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
+        d.write_chunk(i, h, &data).await.unwrap();
+    }
+    b.import_snapshot(d).await.unwrap();
+    assert_eq!(
+        b.summary(me).await.unwrap().fingerprint,
+        a.summary(me).await.unwrap().fingerprint
+    );
+}
+
+#[tokio::test]
+async fn bad_snapshots_are_refused_and_change_nothing() {
+    let dir = TempDir::new().unwrap();
+    let (a, me) = populated(&dir, "a", 12_000).await;
+    let m = a.export_snapshot(me).await.unwrap();
+    let (b, _) = device(&dir, "b").await;
+    // B already holds something of another owner and an older part of A.
+    let other = DeviceId::new_v7();
+    let (_, recs) = batch(other, 20);
+    b.apply_batch(other, IndexId(9), Seq(0), Seq(21), recs)
+        .await
+        .unwrap();
+    let part = a.records_after(me, Seq(0), 500).await.unwrap();
+    let last = part.last().unwrap().seq();
+    b.apply_batch(
+        me,
+        a.local_watermark().await.unwrap().index_id,
+        Seq(0),
+        last,
+        part,
+    )
+    .await
+    .unwrap();
+    let before = state(&b).await;
+
+    // Truncated: import with chunks missing.
+    let mut d = b.begin_download(&m.offer()).await.unwrap();
+    let (h, data) = a.read_snapshot_chunk(&m, 0).await.unwrap();
+    d.write_chunk(0, h, &data).await.unwrap();
+    let e = b.import_snapshot(d).await.unwrap_err();
+    assert!(matches!(e, StorageError::Truncated { have: 1, .. }), "{e}");
+
+    // Chunk hash mismatch, and corrupt chunk data.
+    let mut d = b.begin_download(&m.offer()).await.unwrap();
+    assert_eq!(d.next_chunk(), 1, "resumes the partial download");
+    let (mut h, data) = a.read_snapshot_chunk(&m, 1).await.unwrap();
+    h[0] ^= 1;
+    let e = d.write_chunk(1, h, &data).await.unwrap_err();
+    assert!(
+        matches!(e, StorageError::ChunkHashMismatch { index: 1 }),
+        "{e}"
+    );
+    let e = d.write_chunk(1, h, &data[..10]).await.unwrap_err();
+    assert!(
+        matches!(e, StorageError::CorruptChunk { index: 1, .. }),
+        "{e}"
+    );
+    assert_eq!(d.next_chunk(), 1);
+    d.discard().await.unwrap();
+
+    // Whole-file hash mismatch.
+    let mut offer = m.offer();
+    offer.hash[3] ^= 0xff;
+    offer.id = sync_core::SnapshotId::new_v7();
+    let mut d = b.begin_download(&offer).await.unwrap();
+    for i in 0..offer.chunks {
+        let (h, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
+        d.write_chunk(i, h, &data).await.unwrap();
+    }
+    let e = b.import_snapshot(d).await.unwrap_err();
+    assert!(matches!(e, StorageError::FileHashMismatch { .. }), "{e}");
+
+    // Not SQLite.
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, vec![7u8; 3 << 20]).unwrap();
+    let e = offer_file(&b, &junk, me, IndexId(1), Seq(5), 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::NotSqlite(_)), "{e}");
+
+    // SQLite with the wrong schema.
+    let wrong = dir.path().join("wrong.db");
+    {
+        let conn = sea_orm::Database::connect(format!("sqlite://{}?mode=rwc", wrong.display()))
+            .await
+            .unwrap();
+        conn.execute_unprepared("CREATE TABLE manifest (x INTEGER); CREATE TABLE entry (id BLOB)")
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    }
+    let e = offer_file(&b, &wrong, me, IndexId(1), Seq(5), 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::WrongSchema(_)), "{e}");
+
+    // A manifest row that disagrees with the content.
+    let edited = dir.path().join("edited.db");
+    std::fs::copy(&m.path, &edited).unwrap();
+    {
+        let conn = sea_orm::Database::connect(format!("sqlite://{}", edited.display()))
+            .await
+            .unwrap();
+        conn.execute_unprepared("UPDATE manifest SET records = records + 5")
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    }
+    let e = offer_file(&b, &edited, me, m.index_id, m.max_seq, m.entries + 5)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ManifestMismatch(_)), "{e}");
+    // An offer that disagrees with the (genuine) manifest.
+    let e = offer_file(&b, &m.path, me, m.index_id, Seq(m.max_seq.0 + 1), m.entries)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ManifestMismatch(_)), "{e}");
+    let e = offer_file(&b, &m.path, other, m.index_id, m.max_seq, m.entries)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ManifestMismatch(_)), "{e}");
+    // A bad offer.
+    let mut bad = m.offer();
+    bad.chunks += 1;
+    assert!(matches!(
+        b.begin_download(&bad).await,
+        Err(StorageError::BadOffer(_))
+    ));
+
+    assert_eq!(state(&b).await, before);
+    // And the genuine snapshot still imports on top of the partial state.
+    transfer(&a, &m, &b).await.unwrap();
+    assert_eq!(
+        b.summary(me).await.unwrap().fingerprint,
+        a.summary(me).await.unwrap().fingerprint
+    );
+}

@@ -1,0 +1,387 @@
+//! Writes: local commits, remote batch apply, owner reset.
+
+use std::collections::{HashMap, HashSet};
+
+use sea_orm::{ConnectionTrait, TransactionTrait, Value};
+use sync_core::{DeviceId, Entry, EntryId, IndexId, Location, LocationId, Record, Seq, Watermark};
+use tracing::Instrument;
+
+use crate::error::{Result, StorageError};
+use crate::rows::{blob, exec, location_owners, tombstone, u2i, upsert_entries, upsert_locations};
+use crate::types::{LocalChange, SeqRange};
+use crate::{Store, owner_state, set_watermark};
+
+/// Local changes committed per transaction.
+const LOCAL_CHANGES_PER_TX: usize = 10_000;
+
+impl Store {
+    /// Commits local changes of this device, stamping each with the next
+    /// seq in order. Bulk: multi-row statements, at most 10K changes per
+    /// transaction (each consistent, the owner's max seq updated with its rows).
+    pub async fn commit_local(
+        &self,
+        owner: DeviceId,
+        changes: Vec<LocalChange>,
+    ) -> Result<SeqRange> {
+        let me = self.local_id()?;
+        if owner != me {
+            return Err(StorageError::NotLocalDevice { owner, local: me });
+        }
+        let span = tracing::info_span!(
+            "commit_local",
+            owner = %owner.fmt_short(),
+            changes = changes.len()
+        );
+        async move {
+            let _guard = self.inner.write_lock.lock().await;
+            self.check_local_locations(owner, &changes).await?;
+            let start = owner_state(&self.inner.writer, owner)
+                .await?
+                .ok_or(StorageError::NotInitialized)?
+                .watermark
+                .seq;
+            let mut seq = start;
+            for chunk in changes.chunks(LOCAL_CHANGES_PER_TX) {
+                seq = self.commit_local_tx(owner, seq, chunk).await?;
+            }
+            tracing::debug!(first = start.0 + 1, last = seq.0, "committed");
+            Ok(SeqRange {
+                first: start.next(),
+                last: seq,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Refuses local changes that write another owner's location, or
+    /// entries in a location this device does not own. Checked before any
+    /// transaction so a refused commit writes nothing.
+    async fn check_local_locations(&self, owner: DeviceId, changes: &[LocalChange]) -> Result<()> {
+        let mut own: HashSet<LocationId> = HashSet::new();
+        let mut wanted: HashSet<LocationId> = HashSet::new();
+        for c in changes {
+            match c {
+                LocalChange::Location(l) => {
+                    if l.owner != owner {
+                        return Err(StorageError::ForeignOwner {
+                            owner,
+                            detail: format!(
+                                "location {} belongs to {}",
+                                l.id.fmt_short(),
+                                l.owner.fmt_short()
+                            ),
+                        });
+                    }
+                    own.insert(l.id);
+                    wanted.insert(l.id);
+                }
+                LocalChange::Entry(e) => {
+                    wanted.insert(e.location);
+                }
+                _ => {}
+            }
+        }
+        let ids: Vec<LocationId> = wanted.into_iter().collect();
+        let stored: HashMap<LocationId, DeviceId> = location_owners(&self.inner.writer, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        for id in ids {
+            match stored.get(&id) {
+                Some(o) if *o != owner => {
+                    return Err(StorageError::ForeignOwner {
+                        owner,
+                        detail: format!("location {} belongs to {}", id.fmt_short(), o.fmt_short()),
+                    });
+                }
+                None if !own.contains(&id) => {
+                    return Err(StorageError::ForeignOwner {
+                        owner,
+                        detail: format!("entry in unknown location {}", id.fmt_short()),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction of `commit_local`: returns the last seq stamped.
+    async fn commit_local_tx(
+        &self,
+        owner: DeviceId,
+        mut seq: Seq,
+        chunk: &[LocalChange],
+    ) -> Result<Seq> {
+        // Final state per id inside this transaction, in change order.
+        let mut locs: HashMap<LocationId, Location> = HashMap::new();
+        let mut ents: HashMap<EntryId, Entry> = HashMap::new();
+        let mut del_locs: HashMap<LocationId, Seq> = HashMap::new();
+        let mut del_ents: HashMap<EntryId, Seq> = HashMap::new();
+        for c in chunk {
+            seq = seq.next();
+            match c {
+                LocalChange::Location(l) => {
+                    del_locs.remove(&l.id);
+                    locs.insert(
+                        l.id,
+                        Location {
+                            seq,
+                            deleted: false,
+                            ..l.clone()
+                        },
+                    );
+                }
+                LocalChange::Entry(e) => {
+                    del_ents.remove(&e.id);
+                    ents.insert(
+                        e.id,
+                        Entry {
+                            seq,
+                            deleted: false,
+                            ..e.clone()
+                        },
+                    );
+                }
+                LocalChange::DeleteEntry(id) => match ents.get_mut(id) {
+                    Some(e) => {
+                        e.seq = seq;
+                        e.deleted = true;
+                    }
+                    None => {
+                        del_ents.insert(*id, seq);
+                    }
+                },
+                LocalChange::DeleteLocation(id) => match locs.get_mut(id) {
+                    Some(l) => {
+                        l.seq = seq;
+                        l.deleted = true;
+                    }
+                    None => {
+                        del_locs.insert(*id, seq);
+                    }
+                },
+            }
+        }
+        let mut locs: Vec<&Location> = locs.values().collect();
+        locs.sort_unstable_by_key(|l| l.id);
+        let mut ents: Vec<&Entry> = ents.values().collect();
+        ents.sort_unstable_by_key(|e| e.id);
+        let mut del_locs: Vec<([u8; 16], Seq)> = del_locs
+            .into_iter()
+            .map(|(id, s)| (id.to_bytes(), s))
+            .collect();
+        del_locs.sort_unstable();
+        let mut del_ents: Vec<([u8; 16], Seq)> = del_ents
+            .into_iter()
+            .map(|(id, s)| (id.to_bytes(), s))
+            .collect();
+        del_ents.sort_unstable();
+
+        let txn = self.inner.writer.begin().await?;
+        upsert_locations(&txn, owner, &locs).await?;
+        upsert_entries(&txn, owner, &ents).await?;
+        tombstone(&txn, "location", owner, &del_locs).await?;
+        tombstone(&txn, "entry", owner, &del_ents).await?;
+        exec(
+            &txn,
+            "UPDATE owner_state SET seq = ? WHERE owner = ? AND local = 1",
+            vec![Value::BigInt(Some(u2i(seq.0))), blob(owner.to_bytes())],
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(seq)
+    }
+
+    /// Applies a batch of `owner`'s records with `after < seq <= last` in ONE
+    /// transaction, "higher seq wins", and moves the watermark to
+    /// `max(held, last)` in the same transaction. Refused with nothing
+    /// written on a gap, another IndexId (unless `after == 0`: a reset),
+    /// a seq outside the range, a record of another owner, or records of
+    /// this device.
+    pub async fn apply_batch(
+        &self,
+        owner: DeviceId,
+        index_id: IndexId,
+        after: Seq,
+        last: Seq,
+        records: Vec<Record>,
+    ) -> Result<Watermark> {
+        let span = tracing::info_span!(
+            "apply_batch",
+            owner = %owner.fmt_short(),
+            after = after.0,
+            last = last.0,
+            count = records.len()
+        );
+        async move {
+            if self.inner.device.get().map(|d| d.device_id) == Some(owner) {
+                return Err(StorageError::LocalOwner { owner });
+            }
+            if last < after {
+                return Err(StorageError::BadRange {
+                    after,
+                    last,
+                    seq: after,
+                });
+            }
+            let mut locs: Vec<&Location> = Vec::new();
+            let mut ents: Vec<&Entry> = Vec::with_capacity(records.len());
+            for r in &records {
+                let seq = r.seq();
+                if seq <= after || seq > last {
+                    return Err(StorageError::BadRange { after, last, seq });
+                }
+                match r {
+                    Record::Location(l) => {
+                        if l.owner != owner {
+                            return Err(StorageError::ForeignOwner {
+                                owner,
+                                detail: format!(
+                                    "location {} belongs to {}",
+                                    l.id.fmt_short(),
+                                    l.owner.fmt_short()
+                                ),
+                            });
+                        }
+                        locs.push(l);
+                    }
+                    Record::Entry(e) => ents.push(e),
+                }
+            }
+            locs.sort_unstable_by_key(|l| l.id);
+            ents.sort_unstable_by_key(|e| e.id);
+
+            let _guard = self.inner.write_lock.lock().await;
+            let txn = self.inner.writer.begin().await?;
+            let held = owner_state(&txn, owner).await?;
+            let mut reset = false;
+            match held {
+                Some(s) if s.local => return Err(StorageError::LocalOwner { owner }),
+                None if after > Seq::ZERO => {
+                    return Err(StorageError::Gap {
+                        owner,
+                        after,
+                        held: Seq::ZERO,
+                    });
+                }
+                None => {}
+                Some(s) if s.watermark.index_id != index_id => {
+                    if after > Seq::ZERO {
+                        return Err(StorageError::WrongIndex {
+                            owner,
+                            held: s.watermark.index_id,
+                            got: index_id,
+                            after,
+                        });
+                    }
+                    reset = true;
+                }
+                Some(s) if after > s.watermark.seq => {
+                    return Err(StorageError::Gap {
+                        owner,
+                        after,
+                        held: s.watermark.seq,
+                    });
+                }
+                Some(_) => {}
+            }
+            if reset {
+                tracing::info!(index = %index_id, "new index of owner: dropping its old rows");
+                drop_owner_rows(&txn, owner).await?;
+            }
+            check_batch_locations(&txn, owner, &locs, &ents).await?;
+            upsert_locations(&txn, owner, &locs).await?;
+            upsert_entries(&txn, owner, &ents).await?;
+            let seq = match held {
+                Some(s) if !reset => s.watermark.seq.max(last),
+                _ => last,
+            };
+            let w = Watermark::new(index_id, seq);
+            set_watermark(&txn, owner, w).await?;
+            txn.commit().await?;
+            Ok(w)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Drops every row of a remote `owner` and sets its watermark to `(index_id, 0)`.
+    pub async fn reset_owner(&self, owner: DeviceId, index_id: IndexId) -> Result<()> {
+        if self.inner.device.get().map(|d| d.device_id) == Some(owner) {
+            return Err(StorageError::LocalOwner { owner });
+        }
+        let span =
+            tracing::info_span!("reset_owner", owner = %owner.fmt_short(), index = %index_id);
+        async move {
+            let _guard = self.inner.write_lock.lock().await;
+            let txn = self.inner.writer.begin().await?;
+            if let Some(s) = owner_state(&txn, owner).await?
+                && s.local
+            {
+                return Err(StorageError::LocalOwner { owner });
+            }
+            drop_owner_rows(&txn, owner).await?;
+            set_watermark(&txn, owner, Watermark::new(index_id, Seq::ZERO)).await?;
+            txn.commit().await?;
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Deletes every entry and location of `owner`.
+pub(crate) async fn drop_owner_rows<C: ConnectionTrait>(c: &C, owner: DeviceId) -> Result<()> {
+    exec(
+        c,
+        "DELETE FROM entry WHERE owner = ?",
+        vec![blob(owner.to_bytes())],
+    )
+    .await?;
+    exec(
+        c,
+        "DELETE FROM location WHERE owner = ?",
+        vec![blob(owner.to_bytes())],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every location of the batch must not be stored under another owner, and
+/// every entry's location must be a location of `owner` (in the batch or stored).
+async fn check_batch_locations<C: ConnectionTrait>(
+    c: &C,
+    owner: DeviceId,
+    locs: &[&Location],
+    ents: &[&Entry],
+) -> Result<()> {
+    let in_batch: HashSet<LocationId> = locs.iter().map(|l| l.id).collect();
+    let mut wanted: HashSet<LocationId> = in_batch.clone();
+    wanted.extend(ents.iter().map(|e| e.location));
+    let ids: Vec<LocationId> = wanted.into_iter().collect();
+    let stored: HashMap<LocationId, DeviceId> =
+        location_owners(c, &ids).await?.into_iter().collect();
+    for id in ids {
+        match stored.get(&id) {
+            Some(o) if *o != owner => {
+                return Err(StorageError::ForeignOwner {
+                    owner,
+                    detail: format!("location {} belongs to {}", id.fmt_short(), o.fmt_short()),
+                });
+            }
+            None if !in_batch.contains(&id) => {
+                return Err(StorageError::ForeignOwner {
+                    owner,
+                    detail: format!(
+                        "entry in location {}, which is not a location of this owner",
+                        id.fmt_short()
+                    ),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The shared test harness: devices in temporary directories, paired with
+//! each other, running real engines over real SQLite files.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sync_actors::{EngineConfig, SyncEngine, SyncEvent, init_device};
+use sync_core::synthetic::SyntheticTree;
+use sync_core::{DeviceId, LibraryId, Seq};
+use sync_net::TrustStore;
+use sync_storage::{LocalChange, OwnerSummary, SeqRange, Store};
+use tempfile::TempDir;
+
+/// One device of a test.
+pub struct Device {
+    /// Its data directory (removed when the test ends).
+    pub dir: PathBuf,
+    /// Its running engine.
+    pub engine: SyncEngine,
+    /// Its id.
+    pub id: DeviceId,
+    _tmp: std::sync::Arc<TempDir>,
+}
+
+impl Device {
+    /// The device's store.
+    pub fn store(&self) -> Store {
+        self.engine.store()
+    }
+
+    /// Restarts the engine (as after a crash or a restart of the process).
+    pub async fn restart(&mut self, configure: impl Fn(&mut EngineConfig)) {
+        let _ = self.engine.shutdown().await;
+        let mut config = EngineConfig::new(&self.dir);
+        configure(&mut config);
+        self.engine = SyncEngine::start(config).await.expect("restart engine");
+    }
+}
+
+/// Logs to the test's output (`RUST_LOG` selects), once per process.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// `n` devices of one library, every pair trusting each other, engines started.
+pub async fn spawn_devices(n: usize, configure: impl Fn(&mut EngineConfig)) -> Vec<Device> {
+    init_tracing();
+    let tmp = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let library = LibraryId::new_v7();
+    let mut made = Vec::new();
+    for i in 0..n {
+        let dir = tmp.path().join(format!("device-{i}"));
+        let (info, fp) = init_device(&dir, &format!("device-{i}"), Some(library))
+            .await
+            .expect("init device");
+        made.push((dir, info, fp));
+    }
+    for (dir, info, _) in &made {
+        let trust = TrustStore::load(&EngineConfig::new(dir).trust_path()).expect("trust store");
+        for (_, other, fp) in &made {
+            if other.device_id != info.device_id {
+                trust.trust(*fp, Some(other.device_id)).expect("trust");
+            }
+        }
+    }
+    let mut devices = Vec::new();
+    for (dir, info, _) in made {
+        let mut config = EngineConfig::new(&dir);
+        configure(&mut config);
+        let engine = SyncEngine::start(config).await.expect("start engine");
+        devices.push(Device {
+            dir,
+            engine,
+            id: info.device_id,
+            _tmp: tmp.clone(),
+        });
+    }
+    devices
+}
+
+/// Commits a synthetic location of `entries` entries on `device`.
+pub async fn generate(device: &Device, entries: u64, seed: u64) -> SeqRange {
+    let mut tree = SyntheticTree::new(device.id, entries, seed);
+    let mut changes = vec![LocalChange::Location(tree.location())];
+    changes.extend(tree.by_ref().map(LocalChange::Entry));
+    device.engine.commit(changes).await.expect("commit")
+}
+
+/// Connects `a` to `b` over real TLS on loopback.
+pub async fn connect(a: &Device, b: &Device) {
+    let addr = b.engine.listen("127.0.0.1:0").await.expect("listen");
+    a.engine.connect(&addr.to_string()).await.expect("connect");
+}
+
+/// Waits until `device` holds `owner` up to `seq`; panics after `timeout`.
+pub async fn wait_for_watermark(device: &Device, owner: DeviceId, seq: Seq, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let held = device.store().watermark(owner).await.expect("watermark");
+        if held.is_some_and(|w| w.seq >= seq) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "device {} holds {:?} of {}, wanted {}",
+            device.id.fmt_short(),
+            held,
+            owner.fmt_short(),
+            seq
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asserts the receiver holds exactly what the owner holds of its records.
+pub async fn assert_converged(owner: &Device, receiver: &Device) -> OwnerSummary {
+    let want = owner
+        .store()
+        .summary(owner.id)
+        .await
+        .expect("owner summary");
+    let got = receiver
+        .store()
+        .summary(owner.id)
+        .await
+        .expect("receiver summary");
+    assert_eq!(got.fingerprint, want.fingerprint, "fingerprints differ");
+    assert_eq!(got.entries, want.entries, "entry counts differ");
+    assert_eq!(got.tombstones, want.tombstones, "tombstone counts differ");
+    assert_eq!(
+        got.seq, want.seq,
+        "watermark differs from the owner's max seq"
+    );
+    assert_eq!(got.index_id, want.index_id, "index ids differ");
+    want
+}
+
+/// Collects events until `pred` returns true for one; panics after `timeout`.
+pub async fn wait_event(
+    rx: &mut tokio::sync::broadcast::Receiver<SyncEvent>,
+    timeout: Duration,
+    mut pred: impl FnMut(&SyncEvent) -> bool,
+) -> Vec<SyncEvent> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Ok(e)) => {
+                let done = pred(&e);
+                seen.push(e);
+                if done {
+                    return seen;
+                }
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(e)) => panic!("event bus closed: {e}"),
+            Err(_) => panic!("timed out waiting for an event; saw {} events", seen.len()),
+        }
+    }
+}
