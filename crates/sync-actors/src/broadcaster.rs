@@ -7,7 +7,7 @@
 //! restarts the transfer from the last acknowledged batch.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -93,9 +93,6 @@ pub(crate) struct BatchBroadcaster {
     reported: bool,
     task: Option<tokio::task::AbortHandle>,
 }
-
-/// Set once a sender panic has been injected, so the retry runs clean.
-static PANIC_INJECTED: AtomicBool = AtomicBool::new(false);
 
 impl BatchBroadcaster {
     pub fn new(
@@ -333,7 +330,7 @@ async fn run(
                 batches_sent += 1;
                 if let Some(n) = shared.config.faults.panic_sender_after_batches
                     && batches_sent >= n
-                    && !PANIC_INJECTED.swap(true, Ordering::SeqCst)
+                    && !shared.panic_injected.swap(true, Ordering::SeqCst)
                 {
                     panic!("injected fault: sender panics after {n} batches");
                 }

@@ -107,6 +107,7 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         net,
         events,
         shutdown: CancellationToken::new(),
+        panic_injected: std::sync::atomic::AtomicBool::new(false),
     });
     let exporter = SnapshotExporter::new(shared.clone()).start();
     let supervisor = TransferSupervisor::new(shared.clone(), exporter.clone()).start();

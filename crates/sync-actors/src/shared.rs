@@ -21,6 +21,8 @@ pub(crate) struct Shared {
     pub net: NetConfig,
     pub events: broadcast::Sender<SyncEvent>,
     pub shutdown: CancellationToken,
+    /// Set once an injected sender panic has fired (`Faults`), so the retry runs clean.
+    pub panic_injected: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) type SharedRef = Arc<Shared>;

@@ -136,6 +136,7 @@ enum OutKind {
 
 struct Outgoing {
     transfer: TransferId,
+    index_id: IndexId,
     strategy: Strategy,
     kind: OutKind,
     attempt: u32,
@@ -156,6 +157,14 @@ struct PeerState {
     pumping: bool,
     waiting: bool,
     repump: bool,
+}
+
+/// What a peer holds after acknowledging `last` of sequence `index_id`.
+fn advance(held: Option<Watermark>, index_id: IndexId, last: Seq) -> Watermark {
+    match held {
+        Some(h) if h.index_id == index_id => Watermark::new(index_id, h.seq.max(last)),
+        _ => Watermark::new(index_id, last),
+    }
 }
 
 /// The supervisor actor.
@@ -320,6 +329,7 @@ impl TransferSupervisor {
                 .start();
         let out = Outgoing {
             transfer,
+            index_id: local.index_id,
             strategy,
             kind: OutKind::Broadcast(addr, pace),
             attempt,
@@ -356,6 +366,7 @@ impl TransferSupervisor {
         let generation = st.generation;
         let out = Outgoing {
             transfer,
+            index_id: local.index_id,
             strategy: Strategy::Snapshot,
             kind: OutKind::Snapshot {
                 max_seq: local.seq,
@@ -646,8 +657,8 @@ impl Handler<AckReceived> for TransferSupervisor {
         if st.generation != msg.generation {
             return;
         }
-        if let Some(h) = st.holds_of_me.as_mut() {
-            h.seq = h.seq.max(msg.last);
+        if let Some(out) = &st.outgoing {
+            st.holds_of_me = Some(advance(st.holds_of_me, out.index_id, msg.last));
         }
         // Changes are acknowledged with a nil transfer id.
         if let Some(out) = &st.outgoing
@@ -766,9 +777,7 @@ impl Handler<TransferEnded> for TransferSupervisor {
                     st.outgoing = Some(out);
                     return;
                 }
-                if let Some(h) = st.holds_of_me.as_mut() {
-                    h.seq = h.seq.max(totals.acked);
-                }
+                st.holds_of_me = Some(advance(st.holds_of_me, out.index_id, totals.acked));
                 info!(
                     peer = %msg.peer.fmt_short(),
                     transfer = %out.transfer.fmt_short(),

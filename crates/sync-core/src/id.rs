@@ -30,11 +30,11 @@ macro_rules! uuid_newtype {
                 Self(Uuid::from_bytes(bytes))
             }
 
-            /// The first 8 hex digits, for logs and spans.
+            /// The last 8 hex digits, for logs and spans (the first ones of a
+            /// UUIDv7 are its timestamp, shared by ids made in the same instant).
             pub fn fmt_short(&self) -> String {
-                let mut s = self.0.simple().to_string();
-                s.truncate(8);
-                s
+                let s = self.0.simple().to_string();
+                s[s.len() - 8..].to_string()
             }
         }
 
@@ -196,7 +196,7 @@ mod tests {
     fn short_form_is_eight_hex_digits() {
         let id = DeviceId::new_v7();
         assert_eq!(id.fmt_short().len(), 8);
-        assert!(id.to_string().starts_with(&id.fmt_short()));
+        assert!(id.to_string().ends_with(&id.fmt_short()));
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl SyntheticTree {
 
     fn next_id(&mut self) -> EntryId {
         // Time-ordered like UUIDv7: a millisecond every 64 ids.
-        if self.emitted % 64 == 0 {
+        if self.emitted.is_multiple_of(64) {
             self.clock_ms += 1;
         }
         EntryId::from_bytes(v7_bytes(&mut self.rng, self.clock_ms))

@@ -47,6 +47,12 @@ pub struct PeerInfo {
 }
 
 /// An established, authenticated connection to a peer.
+///
+/// "Established" means that OUR checks passed (TLS pin, then the peer's
+/// `Hello`). Both sides send `Hello` without waiting for a verdict, so when
+/// only the peer refuses us (say it pinned our certificate to another
+/// DeviceId), its refusal arrives as the first frame: the first `recv`
+/// returns `Err(NetError::Refused { .. })`.
 #[derive(Debug)]
 pub struct Connection {
     /// Who the peer is.
@@ -443,6 +449,7 @@ pub(crate) async fn establish(stream: BoxStream, e: Establish<'_>) -> Result<Con
             let err = NetError::Decode(d);
             return Err(refuse(wr, &codec, ErrorCode::Malformed, err).await);
         }
+        Err(NetError::Idle) => return Err(NetError::HandshakeTimeout),
         Err(other) => return Err(other),
     };
     let (device, name) = match first {

@@ -198,7 +198,7 @@ pub(crate) async fn dial_inner(
         .await
         .unwrap_or(Err(NetError::HandshakeTimeout));
     if let Err(e) = &result {
-        span.in_scope(|| tracing::warn!(peer = %addr, error = %e, "dial failed"));
+        span.in_scope(|| tracing::debug!(peer = %addr, error = %e, "dial failed"));
     }
     result
 }

@@ -163,8 +163,10 @@ async fn summary_in<C: ConnectionTrait>(c: &C, owner: DeviceId) -> Result<OwnerS
     let mut fp = Fingerprint::default();
     let (mut entries, mut tombstones) = (0u64, 0u64);
     for table in ["location", "entry"] {
+        // `+owner` keeps the planner on the primary key: a sequential scan
+        // in id order, paged by id, instead of sorting the (owner, seq) index per page.
         let sql = format!(
-            "SELECT id, seq, deleted FROM {table} WHERE owner = ? AND id > ? ORDER BY id LIMIT ?"
+            "SELECT id, seq, deleted FROM {table} WHERE +owner = ? AND id > ? ORDER BY id LIMIT ?"
         );
         let mut from: Vec<u8> = Vec::new();
         loop {
