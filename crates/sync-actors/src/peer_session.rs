@@ -244,7 +244,13 @@ impl Router {
             Err(e) => return Some(e.to_string()),
         }
         loop {
-            let msg = match reader.recv().await {
+            let received = tokio::select! {
+                r = reader.recv() => r,
+                // A broken write side means a broken link, even while the
+                // peer is silent: stop instead of waiting for the idle timeout.
+                _ = self.writer.closed() => return Some("link lost: the connection's writer stopped".into()),
+            };
+            let msg = match received {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return None,
                 Err(NetError::Refused { code, message }) => {

@@ -233,6 +233,12 @@ impl ConnWriter {
         }
     }
 
+    /// Resolves once the writer task has ended (the link broke or was
+    /// closed): a reader blocked on a silent peer can stop waiting.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
     /// Total bytes of frames written to the stream so far (keepalives included).
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)

@@ -128,7 +128,11 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .pragma("cache_size", "-65536")
-                .pragma("temp_store", "MEMORY");
+                .pragma("temp_store", "MEMORY")
+                // Fewer, larger checkpoints: pages rewritten by consecutive
+                // batches (index tails) are copied back once, not per commit.
+                .pragma("wal_autocheckpoint", "8192")
+                .pragma("mmap_size", "268435456");
             let writer_pool = SqlitePoolOptions::new()
                 .max_connections(1)
                 .min_connections(1)
@@ -143,7 +147,8 @@ impl Store {
             let reader_opts = connect_options(db_path)
                 .read_only(true)
                 .row_buffer_size(1024)
-                .pragma("cache_size", "-16384");
+                .pragma("cache_size", "-16384")
+                .pragma("mmap_size", "268435456");
             let reader_pool = SqlitePoolOptions::new()
                 .max_connections(READ_POOL)
                 .min_connections(0)

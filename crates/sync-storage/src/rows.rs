@@ -207,28 +207,44 @@ fn push_entry(values: &mut Vec<Value>, owner: &[u8; 16], e: &Entry) {
     values.push(Value::Bool(Some(e.deleted)));
 }
 
+/// The SQL and values of one entry upsert statement.
+fn entry_statement(owner: &[u8; 16], chunk: &[&Entry]) -> (String, Vec<Value>) {
+    static FULL: OnceLock<String> = OnceLock::new();
+    let sql = if chunk.len() == ENTRY_ROWS_PER_STMT {
+        FULL.get_or_init(|| entry_upsert_sql(ENTRY_ROWS_PER_STMT))
+            .clone()
+    } else {
+        entry_upsert_sql(chunk.len())
+    };
+    let mut values = Vec::with_capacity(chunk.len() * 12);
+    for e in chunk {
+        push_entry(&mut values, owner, e);
+    }
+    (sql, values)
+}
+
 /// Upserts entries of `owner` ("higher seq wins", never across owners) with
 /// fixed-size multi-row statements: chunks of [`ENTRY_ROWS_PER_STMT`] rows
-/// and one remainder statement. Callers sort by id for b-tree locality.
+/// and one remainder statement (prepared statements are cached by SQL
+/// text). Callers sort by id for b-tree locality. The next statement's
+/// values are built while SQLite runs the current one (on sqlx's worker thread).
 pub(crate) async fn upsert_entries<C: ConnectionTrait>(
     c: &C,
     owner: DeviceId,
     entries: &[&Entry],
 ) -> Result<()> {
-    static FULL: OnceLock<String> = OnceLock::new();
-    for chunk in entries.chunks(ENTRY_ROWS_PER_STMT) {
-        let sql = if chunk.len() == ENTRY_ROWS_PER_STMT {
-            FULL.get_or_init(|| entry_upsert_sql(ENTRY_ROWS_PER_STMT))
-                .clone()
-        } else {
-            entry_upsert_sql(chunk.len())
-        };
-        let owner = owner.to_bytes();
-        let mut values = Vec::with_capacity(chunk.len() * 12);
-        for e in chunk {
-            push_entry(&mut values, &owner, e);
-        }
-        exec(c, sql, values).await?;
+    let owner = owner.to_bytes();
+    let chunks: Vec<&[&Entry]> = entries.chunks(ENTRY_ROWS_PER_STMT).collect();
+    let mut next = chunks.first().map(|ch| entry_statement(&owner, ch));
+    let mut i = 0;
+    while let Some((sql, values)) = next.take() {
+        i += 1;
+        let following = chunks.get(i).copied();
+        let (done, built) = tokio::join!(exec(c, sql, values), async {
+            following.map(|ch| entry_statement(&owner, ch))
+        });
+        done?;
+        next = built;
     }
     Ok(())
 }

@@ -45,13 +45,17 @@ fn entry(loc: LocationId, i: u64, seq: u64) -> Entry {
         location: loc,
         parent: None,
         name: format!("IMG_{i:06}.jpg"),
-        kind: if i % 10 == 0 {
+        kind: if i.is_multiple_of(10) {
             EntryKind::Dir
         } else {
             EntryKind::File
         },
         size: u64::MAX - i,
-        inode: if i % 7 == 0 { None } else { Some(1 << 63 | i) },
+        inode: if i.is_multiple_of(7) {
+            None
+        } else {
+            Some(1 << 63 | i)
+        },
         created_at: t,
         modified_at: t + chrono::Duration::microseconds(i as i64),
         seq: Seq(seq),
@@ -119,6 +123,49 @@ async fn apply_is_idempotent_and_order_insensitive() {
     assert_eq!(b.locations().await.unwrap(), vec![loc]);
     let page = b.records_after(owner, Seq(0), 10_000).await.unwrap();
     assert_eq!(page, recs);
+    // The fingerprint is exactly Fingerprint::add over (id, seq, deleted) of every record.
+    let mut fp = sync_core::Fingerprint::default();
+    for r in &recs {
+        fp.add(&r.id_bytes(), r.seq(), r.deleted());
+    }
+    assert_eq!(first.fingerprint, fp);
+}
+
+#[tokio::test]
+async fn summary_fingerprint_matches_records_with_huge_values() {
+    let dir = TempDir::new().unwrap();
+    let (s, _) = device(&dir, "s").await;
+    let owner = DeviceId::new_v7();
+    let (loc, mut recs) = batch(owner, 200);
+    // Seqs above i64::MAX round-trip through the i64 bit-cast; ids full of zero bytes.
+    let base = u64::MAX - 1000;
+    for (i, r) in recs.iter_mut().enumerate() {
+        match r {
+            Record::Location(l) => l.seq = Seq(base + 1),
+            Record::Entry(e) => {
+                e.seq = Seq(base + 2 + i as u64);
+                e.deleted = i % 3 == 0;
+                if i == 5 {
+                    e.id = EntryId::from_bytes([0; 16]);
+                }
+                if i == 6 {
+                    e.id = EntryId::from_bytes([b','; 16]);
+                }
+            }
+        }
+    }
+    s.apply_batch(owner, IndexId(1), Seq(0), Seq(base + 1000), recs.clone())
+        .await
+        .unwrap();
+    let mut fp = sync_core::Fingerprint::default();
+    for r in &recs {
+        fp.add(&r.id_bytes(), r.seq(), r.deleted());
+    }
+    let sum = s.summary(owner).await.unwrap();
+    assert_eq!(sum.fingerprint, fp);
+    assert_eq!(sum.entries + sum.tombstones, 200);
+    assert_eq!(sum.tombstones, 66);
+    assert_eq!(s.location_entries(loc.id).await.unwrap().len(), 200);
 }
 
 #[tokio::test]

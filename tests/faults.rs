@@ -1,0 +1,184 @@
+//! Transfers under faults: links cut at random points (in-memory transport
+//! with the fault wrapper: a cut must be injected), and a panic inside a
+//! transfer. Every schedule converges; re-sent data stays within one credit
+//! window (or one chunk) per cut.
+
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use sync_actors::{Direction, SyncEvent};
+use sync_core::Strategy;
+use sync_net::fault::{FaultPlan, memory_pair_with_faults};
+
+use crate::harness::{Device, assert_converged, connect, generate, spawn_devices, wait_event, wait_for_watermark};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+/// Sums the records B applied of `owner` (from the event bus).
+fn applied(events: &mut tokio::sync::broadcast::Receiver<SyncEvent>) -> u64 {
+    let mut n = 0;
+    while let Ok(e) = events.try_recv() {
+        if let SyncEvent::Applied { records, .. } = e {
+            n += records;
+        }
+    }
+    n
+}
+
+/// Links `sender` and `receiver` over in-memory connections, each cut after
+/// a random number of the sender's bytes, until the receiver holds `target`.
+/// Returns the number of cuts.
+async fn converge_through_cuts(
+    sender: &Device,
+    receiver: &Device,
+    target: sync_core::Seq,
+    rng: &mut StdRng,
+    max_cut: u64,
+) -> u32 {
+    let mut cuts = 0;
+    for _ in 0..60 {
+        let held = receiver.store().watermark(sender.id).await.unwrap();
+        if held.is_some_and(|w| w.seq >= target) {
+            return cuts;
+        }
+        let plan = FaultPlan {
+            cut_after_bytes: Some(rng.random_range(200..max_cut)),
+            ..FaultPlan::default()
+        };
+        let (ca, cb) = memory_pair_with_faults(
+            &sender.engine.net_config(),
+            &receiver.engine.net_config(),
+            plan,
+            FaultPlan::default(),
+        )
+        .await
+        .expect("memory pair");
+        let closed_a = sender.engine.attach(ca).await.unwrap();
+        let closed_b = receiver.engine.attach(cb).await.unwrap();
+        // Wait for the cut (both sessions end) or the end of the transfer.
+        let _ = tokio::time::timeout(WAIT, async {
+            let _ = closed_a.await;
+            let _ = closed_b.await;
+        })
+        .await;
+        cuts += 1;
+    }
+    panic!("did not converge after 60 links");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_transfer_cut_at_random_points_resumes_and_converges() {
+    for seed in 0..4u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let devices = spawn_devices(2, |c| {
+            c.batch_size = 1_000;
+            c.credit_window = 4;
+        })
+        .await;
+        let (a, b) = (&devices[0], &devices[1]);
+        let range = generate(a, 30_000, seed).await;
+        let mut events = b.engine.subscribe();
+        let cuts = converge_through_cuts(a, b, range.last, &mut rng, 700_000).await;
+        assert_converged(a, b).await;
+        let records = applied(&mut events);
+        let resent = records.saturating_sub(range.last.0);
+        // A cut loses at most the batches in flight: one credit window.
+        assert!(
+            resent <= u64::from(cuts) * 4 * 1_000,
+            "seed {seed}: {resent} records re-sent over {cuts} cuts"
+        );
+        for d in &devices {
+            d.engine.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_download_cut_at_random_points_resumes_and_converges() {
+    for seed in 10..13u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let devices = spawn_devices(2, |c| {
+            c.thresholds.snapshot_from = 5_000;
+            c.thresholds.bulk_from = 5_000;
+        })
+        .await;
+        let (a, b) = (&devices[0], &devices[1]);
+        let range = generate(a, 60_000, seed).await;
+        let mut events = b.engine.subscribe();
+        let cuts = converge_through_cuts(a, b, range.last, &mut rng, 6_000_000).await;
+        assert_converged(a, b).await;
+        let mut imported = 0;
+        while let Ok(e) = events.try_recv() {
+            if let SyncEvent::SnapshotImported { .. } = e {
+                imported += 1;
+            }
+        }
+        assert_eq!(imported, 1, "seed {seed}: one snapshot imported after {cuts} cuts");
+        for d in &devices {
+            d.engine.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_inside_a_transfer_is_restarted_by_the_supervisor() {
+    let devices = spawn_devices(2, |c| {
+        c.batch_size = 1_000;
+        c.faults.panic_sender_after_batches = Some(3);
+    })
+    .await;
+    let (a, b) = (&devices[0], &devices[1]);
+    let range = generate(a, 20_000, 5).await;
+    let mut events = a.engine.subscribe();
+    connect(b, a).await;
+    let seen = wait_event(&mut events, WAIT, |e| {
+        matches!(e, SyncEvent::TransferCompleted { direction: Direction::Send, .. })
+    })
+    .await;
+    let failed = seen.iter().find_map(|e| match e {
+        SyncEvent::TransferFailed { will_retry, cause, attempt, .. } => {
+            Some((*will_retry, cause.clone(), *attempt))
+        }
+        _ => None,
+    });
+    let (will_retry, cause, attempt) = failed.expect("the panic was reported");
+    assert!(will_retry);
+    assert_eq!(attempt, 1);
+    assert!(cause.contains("injected fault"), "{cause}");
+    let restarted = seen
+        .iter()
+        .filter(|e| matches!(e, SyncEvent::TransferStarted { strategy: Strategy::Batches, .. }))
+        .count();
+    assert_eq!(restarted, 2, "started, then restarted once");
+    wait_for_watermark(b, a.id, range.last, WAIT).await;
+    assert_converged(a, b).await;
+    for d in &devices {
+        d.engine.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_receiver_resumes_from_its_watermark() {
+    let mut devices = spawn_devices(2, |c| c.batch_size = 1_000).await;
+    let range = generate(&devices[0], 40_000, 8).await;
+    connect(&devices[1], &devices[0]).await;
+    // Stop B part-way, as a restart of its process would.
+    wait_for_watermark(&devices[1], devices[0].id, sync_core::Seq(5_000), WAIT).await;
+    devices[1].restart(|c| c.batch_size = 1_000).await;
+    let held = devices[1].store().watermark(devices[0].id).await.unwrap().unwrap();
+    assert!(held.seq.0 >= 5_000, "watermark survived the restart");
+    let mut events = devices[0].engine.subscribe();
+    connect(&devices[1], &devices[0]).await;
+    let seen = wait_event(&mut events, WAIT, |e| matches!(e, SyncEvent::TransferStarted { .. })).await;
+    let started = seen.iter().find_map(|e| match e {
+        SyncEvent::TransferStarted { total, .. } => Some(*total),
+        _ => None,
+    });
+    // Resumed from the watermark, not from zero.
+    assert!(started.unwrap() <= range.last.0 - held.seq.0);
+    wait_for_watermark(&devices[1], devices[0].id, range.last, WAIT).await;
+    assert_converged(&devices[0], &devices[1]).await;
+    for d in &devices {
+        d.engine.shutdown().await.unwrap();
+    }
+}
