@@ -10,7 +10,9 @@ use sync_actors::{Direction, SyncEvent};
 use sync_core::Strategy;
 use sync_net::fault::{FaultPlan, memory_pair_with_faults};
 
-use crate::harness::{Device, assert_converged, connect, generate, spawn_devices, wait_event, wait_for_watermark};
+use crate::harness::{
+    Device, assert_converged, connect, generate, spawn_devices, wait_event, wait_for_watermark,
+};
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -56,12 +58,15 @@ async fn converge_through_cuts(
         let closed_a = sender.engine.attach(ca).await.unwrap();
         let closed_b = receiver.engine.attach(cb).await.unwrap();
         // Wait for the cut (both sessions end) or the end of the transfer.
-        let _ = tokio::time::timeout(WAIT, async {
+        let cut = async {
             let _ = closed_a.await;
             let _ = closed_b.await;
-        })
-        .await;
-        cuts += 1;
+        };
+        let done = wait_for_watermark(receiver, sender.id, target, WAIT);
+        tokio::select! {
+            _ = cut => cuts += 1,
+            _ = done => return cuts,
+        }
     }
     panic!("did not converge after 60 links");
 }
@@ -113,7 +118,10 @@ async fn snapshot_download_cut_at_random_points_resumes_and_converges() {
                 imported += 1;
             }
         }
-        assert_eq!(imported, 1, "seed {seed}: one snapshot imported after {cuts} cuts");
+        assert_eq!(
+            imported, 1,
+            "seed {seed}: one snapshot imported after {cuts} cuts"
+        );
         for d in &devices {
             d.engine.shutdown().await.unwrap();
         }
@@ -132,13 +140,22 @@ async fn panic_inside_a_transfer_is_restarted_by_the_supervisor() {
     let mut events = a.engine.subscribe();
     connect(b, a).await;
     let seen = wait_event(&mut events, WAIT, |e| {
-        matches!(e, SyncEvent::TransferCompleted { direction: Direction::Send, .. })
+        matches!(
+            e,
+            SyncEvent::TransferCompleted {
+                direction: Direction::Send,
+                ..
+            }
+        )
     })
     .await;
     let failed = seen.iter().find_map(|e| match e {
-        SyncEvent::TransferFailed { will_retry, cause, attempt, .. } => {
-            Some((*will_retry, cause.clone(), *attempt))
-        }
+        SyncEvent::TransferFailed {
+            will_retry,
+            cause,
+            attempt,
+            ..
+        } => Some((*will_retry, cause.clone(), *attempt)),
         _ => None,
     });
     let (will_retry, cause, attempt) = failed.expect("the panic was reported");
@@ -147,7 +164,15 @@ async fn panic_inside_a_transfer_is_restarted_by_the_supervisor() {
     assert!(cause.contains("injected fault"), "{cause}");
     let restarted = seen
         .iter()
-        .filter(|e| matches!(e, SyncEvent::TransferStarted { strategy: Strategy::Batches, .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                SyncEvent::TransferStarted {
+                    strategy: Strategy::Batches,
+                    ..
+                }
+            )
+        })
         .count();
     assert_eq!(restarted, 2, "started, then restarted once");
     wait_for_watermark(b, a.id, range.last, WAIT).await;
@@ -165,11 +190,19 @@ async fn restarted_receiver_resumes_from_its_watermark() {
     // Stop B part-way, as a restart of its process would.
     wait_for_watermark(&devices[1], devices[0].id, sync_core::Seq(5_000), WAIT).await;
     devices[1].restart(|c| c.batch_size = 1_000).await;
-    let held = devices[1].store().watermark(devices[0].id).await.unwrap().unwrap();
+    let held = devices[1]
+        .store()
+        .watermark(devices[0].id)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(held.seq.0 >= 5_000, "watermark survived the restart");
     let mut events = devices[0].engine.subscribe();
     connect(&devices[1], &devices[0]).await;
-    let seen = wait_event(&mut events, WAIT, |e| matches!(e, SyncEvent::TransferStarted { .. })).await;
+    let seen = wait_event(&mut events, WAIT, |e| {
+        matches!(e, SyncEvent::TransferStarted { .. })
+    })
+    .await;
     let started = seen.iter().find_map(|e| match e {
         SyncEvent::TransferStarted { total, .. } => Some(*total),
         _ => None,

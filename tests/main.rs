@@ -1,5 +1,6 @@
 //! Workspace integration tests: one test binary, modules share the `harness`.
 
-mod harness;
 mod faults;
+mod harness;
+mod hostile;
 mod strategies;
