@@ -704,7 +704,7 @@ impl Receiver {
         let complete = download.is_complete();
         self.download = Some(Download {
             transfer,
-            offer: offer.clone(),
+            offer,
             download,
             started: Instant::now(),
             bytes: 0,
@@ -766,7 +766,7 @@ impl Receiver {
         let Some(d) = self.download.take() else {
             return Ok(());
         };
-        let (transfer, offer, started, bytes) = (d.transfer, d.offer.clone(), d.started, d.bytes);
+        let (transfer, offer, started, bytes) = (d.transfer, d.offer, d.started, d.bytes);
         let span = info_span!("import", snapshot = %offer.id.fmt_short(), entries = offer.entries);
         let wm = self
             .shared

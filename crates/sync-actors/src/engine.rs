@@ -129,7 +129,13 @@ impl SyncEngine {
         let thread = std::thread::Builder::new()
             .name("sync-engine".into())
             .spawn(move || {
-                // Not inside any tokio runtime: `System::new()` is safe here.
+                // Connections still held by tasks are dropped after the
+                // System's runtime is gone; sqlx then spawns their return to
+                // the pool, which needs *a* Tokio context. This idle runtime
+                // is that context (entering a handle does not make
+                // `System::new()`'s block_on nest inside a runtime).
+                let fallback = tokio::runtime::Builder::new_current_thread().build();
+                let _context = fallback.as_ref().ok().map(|rt| rt.enter());
                 let system = System::new();
                 let ok = system.block_on(async move {
                     let res = boot(config).await;
@@ -269,12 +275,12 @@ impl SyncEngine {
         let supervisor = self.actors().supervisor.clone();
         let exporter = self.actors().exporter.clone();
         let generation = self.inner.generation.clone();
+        let (tx, rx) = oneshot::channel();
         self.on_engine(async move {
-            let (tx, rx) = oneshot::channel();
             start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
-            rx
         })
-        .await
+        .await?;
+        Ok(rx)
     }
 
     /// Commits changes of this device's own records (bulk, new seqs) and

@@ -27,6 +27,9 @@ use crate::peer_session::{CloseSession, PeerSession};
 use crate::shared::SharedRef;
 use crate::snapshot_exporter::{Export, SnapshotExporter};
 
+/// How often the supervisor looks for commits made outside this engine.
+const LOCAL_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How a transfer ended.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -174,6 +177,9 @@ pub(crate) struct TransferSupervisor {
     peers: HashMap<DeviceId, PeerState>,
     /// A failed transfer to resume, by peer: its id and attempts so far.
     resume: HashMap<DeviceId, (TransferId, u32)>,
+    /// The local watermark last seen, to notice commits made by another
+    /// process on the same library (e.g. `lsync index` beside `lsync serve`).
+    last_local: Option<Watermark>,
 }
 
 impl TransferSupervisor {
@@ -183,6 +189,7 @@ impl TransferSupervisor {
             exporter,
             peers: HashMap::new(),
             resume: HashMap::new(),
+            last_local: None,
         }
     }
 
@@ -509,6 +516,25 @@ impl Actor for TransferSupervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(LOCAL_POLL, |act, ctx| {
+            if act.peers.is_empty() {
+                return;
+            }
+            let store = act.shared.store.clone();
+            ctx.spawn(
+                async move { store.local_watermark().await.ok() }
+                    .into_actor(act)
+                    .map(|local, act, ctx| {
+                        if local.is_some() && local != act.last_local {
+                            act.last_local = local;
+                            let peers: Vec<DeviceId> = act.peers.keys().copied().collect();
+                            for p in peers {
+                                act.pump(p, ctx);
+                            }
+                        }
+                    }),
+            );
+        });
         // Transfers that were running when the process died resume, under
         // their ids and attempt counts, when their peer is back.
         let store = self.shared.store.clone();

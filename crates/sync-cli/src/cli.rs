@@ -102,6 +102,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One process of `lsync bench` (sender, receiver or floor); internal.
+    #[command(hide = true)]
+    BenchNode(crate::bench::NodeArgs),
 }
 
 /// `lsync demo` arguments.

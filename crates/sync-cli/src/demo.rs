@@ -13,7 +13,7 @@ use sync_storage::LocalChange;
 
 use crate::cli::DemoArgs;
 use crate::generate::generate_into;
-use crate::sync::show_progress;
+use crate::sync::ProgressWatch;
 
 /// Entries changed, and deleted, live after the bulk sync.
 const LIVE_CHANGES: usize = 5;
@@ -64,7 +64,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let addr = engine_a.listen("127.0.0.1:0").await?;
 
     let engine_b = SyncEngine::start(EngineConfig::new(&dir_b)).await?;
-    let watcher = tokio::spawn(show_progress(engine_b.clone(), quiet));
+    let watcher = ProgressWatch::start(&engine_b, quiet);
     let started = Instant::now();
     engine_b.connect(&addr.to_string()).await?;
     if !engine_b
@@ -128,7 +128,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         && sum_a.tombstones == sum_b.tombstones;
     engine_b.shutdown().await?;
     engine_a.shutdown().await?;
-    let moved = watcher.await.unwrap_or_default();
+    let moved = watcher.finish().await;
     let strategy = moved
         .strategies
         .iter()

@@ -15,7 +15,13 @@ use crate::cli::{Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing();
+    // Logs go to stderr under RUST_LOG; by default only `serve` logs, so
+    // other commands print their one line of error and nothing else.
+    let default_log = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "off",
+    };
+    init_tracing(default_log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -35,9 +41,9 @@ fn fail(e: anyhow::Error) -> ! {
     std::process::exit(1);
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -69,5 +75,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
         } => sync::connect(&data?, &addr, until_synced, json, timeout).await,
         Command::Status { json } => device::status(&data?, json).await,
+        Command::BenchNode(args) => bench::node::run(&data?, args).await,
     }
 }

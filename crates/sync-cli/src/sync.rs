@@ -30,9 +30,9 @@ pub async fn serve(data: &Path, listen: &str) -> anyhow::Result<()> {
     let engine = start_engine(data).await?;
     let addr = engine.listen(listen).await?;
     eprintln!("listening on {addr} as {}", engine.device().device_id);
-    let watcher = tokio::spawn(show_progress(engine.clone(), true));
+    let watcher = ProgressWatch::start(&engine, true);
     until_signal().await?;
-    watcher.abort();
+    watcher.finish().await;
     engine.shutdown().await?;
     Ok(())
 }
@@ -48,13 +48,54 @@ pub struct Moved {
     pub bytes: u64,
 }
 
-/// Draws a bar per transfer; returns the totals when the event bus closes.
-pub async fn show_progress(engine: SyncEngine, quiet: bool) -> Moved {
-    let mut rx = engine.subscribe();
+/// Watches an engine's events, drawing a bar per transfer, until stopped.
+pub struct ProgressWatch {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Moved>,
+}
+
+impl ProgressWatch {
+    /// Starts watching (bars hidden when `quiet`).
+    pub fn start(engine: &SyncEngine, quiet: bool) -> ProgressWatch {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(show_progress(engine.subscribe(), quiet, stopped));
+        ProgressWatch {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops watching and returns what moved.
+    pub async fn finish(mut self) -> Moved {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap_or_default()
+    }
+}
+
+/// Draws a bar per transfer; returns the totals when stopped or when the
+/// event bus closes.
+async fn show_progress(
+    mut rx: tokio::sync::broadcast::Receiver<SyncEvent>,
+    quiet: bool,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Moved {
     let mut bars: HashMap<TransferId, ProgressBar> = HashMap::new();
     let mut moved = Moved::default();
     loop {
-        let event = match rx.recv().await {
+        let next = tokio::select! {
+            biased;
+            e = rx.recv() => e,
+            _ = &mut stop => {
+                // Drain what is already queued, then stop.
+                match rx.try_recv() {
+                    Ok(e) => Ok(e),
+                    Err(_) => return moved,
+                }
+            }
+        };
+        let event = match next {
             Ok(e) => e,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(_) => return moved,
@@ -119,7 +160,7 @@ pub async fn connect(
 ) -> anyhow::Result<()> {
     let engine = start_engine(data).await?;
     let started = Instant::now();
-    let watcher = tokio::spawn(show_progress(engine.clone(), json));
+    let watcher = ProgressWatch::start(&engine, json);
     let peer = match engine.connect(addr).await {
         Ok(p) => p,
         Err(e) => {
@@ -148,7 +189,7 @@ pub async fn connect(
         .map(|p| p.bytes_sent)
         .unwrap_or(0);
     engine.shutdown().await?;
-    let moved = watcher.await.unwrap_or_default();
+    let moved = watcher.finish().await;
     if !synced {
         bail!("not synced with {} after {timeout}s", peer.device);
     }

@@ -136,7 +136,7 @@ pub fn plan_index(
             }
         };
         visited += 1;
-        if visited % 4096 == 0 {
+        if visited.is_multiple_of(4096) {
             progress(visited);
         }
         let path = item.path();
