@@ -4,3 +4,4 @@ mod faults;
 mod harness;
 mod hostile;
 mod strategies;
+mod tidy;

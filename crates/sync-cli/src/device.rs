@@ -76,8 +76,9 @@ fn load_identity(data: &Path) -> anyhow::Result<Identity> {
 }
 
 /// `lsync id`.
-pub fn id(data: &Path, json: bool) -> anyhow::Result<()> {
+pub async fn id(data: &Path, json: bool) -> anyhow::Result<()> {
     let identity = load_identity(data)?;
+    let (_, device) = open_store(data).await?;
     if json {
         println!(
             "{}",
@@ -85,6 +86,7 @@ pub fn id(data: &Path, json: bool) -> anyhow::Result<()> {
         );
     } else {
         println!("device_id   {}", identity.device_id);
+        println!("library_id  {}", device.library_id);
         println!("fingerprint {}", identity.fingerprint);
     }
     Ok(())

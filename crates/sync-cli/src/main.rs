@@ -56,7 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Init { name, library } => device::init(&data?, name, library).await,
-        Command::Id { json } => device::id(&data?, json),
+        Command::Id { json } => device::id(&data?, json).await,
         Command::Trust {
             fingerprint,
             device,
