@@ -1,4 +1,5 @@
 //! Workspace integration tests: one test binary, modules share the `harness`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod faults;
 mod harness;

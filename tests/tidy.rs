@@ -32,5 +32,8 @@ fn every_rust_file_opens_with_a_module_doc_line() {
                 .starts_with("//!")
         })
         .collect();
-    assert!(missing.is_empty(), "files without a `//!` line: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "files without a `//!` line: {missing:?}"
+    );
 }

@@ -537,6 +537,7 @@ impl Receiver {
             bytes: p.bytes,
         });
         if wm.seq >= p.target {
+            let big = p.records >= self.shared.config.batch_size as u64 * 10;
             self.shared.emit(SyncEvent::TransferCompleted {
                 transfer,
                 peer: self.owner,
@@ -548,6 +549,9 @@ impl Receiver {
                 seconds: p.started.elapsed().as_secs_f64(),
             });
             self.push = None;
+            if big {
+                self.checkpoint_wal().await;
+            }
         }
         Ok(())
     }

@@ -409,6 +409,9 @@ impl SyncEngine {
                 }
             }
         }
+        if let Err(e) = actors.shared.store.checkpoint().await {
+            warn!(cause = %e, "WAL checkpoint at shutdown failed");
+        }
         actors.system.stop();
         let thread = self.inner.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(t) = thread {

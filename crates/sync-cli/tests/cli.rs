@@ -4,6 +4,7 @@
 //!
 //! These live beside the binary (not in the workspace `tests/` crate)
 //! because only here does cargo hand a test the binary's path.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

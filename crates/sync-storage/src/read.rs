@@ -1,10 +1,15 @@
 //! Reads: paging records by seq, counts, summaries with fingerprints, locations.
 
+use sea_orm::sqlx::{self, Connection as _, Row as _};
 use sea_orm::{ConnectionTrait, TransactionTrait, Value};
-use sync_core::{DeviceId, Entry, Fingerprint, IndexId, Location, LocationId, Record, Seq};
+use sync_core::model::micros;
+use sync_core::{
+    DeviceId, Entry, EntryId, EntryKind, Fingerprint, IndexId, Location, LocationId, Record, Seq,
+};
 use tracing::Instrument;
 
-use crate::error::Result;
+use crate::bulk::db_err;
+use crate::error::{Result, StorageError};
 use crate::rows::{
     ENTRY_COLUMNS, LOCATION_COLUMNS, blob, col, entry_from_row, i2u, id16, location_from_row,
     query, query_one, u2i,
@@ -15,9 +20,52 @@ use crate::{Store, owner_state};
 /// Rows per page when scanning an owner for its fingerprint.
 const SCAN_PAGE: i64 = 50_000;
 
+/// Entry rows packed by one [`ENTRY_PACK`] statement (~130 bytes each).
+const PACK_PAGE: usize = 10_000;
+
+/// One page of an owner's entries with ?2 < seq <= ?3, in seq order (the
+/// `(owner, seq)` index range), packed by SQLite column by column: one
+/// aggregate per column, so a page is ONE row to fetch (rows one by one
+/// through sqlx cost ~4 us each, measured). Columns: the row count; the raw
+/// 16-byte ids, locations and (non-NULL) parents, concatenated; `,`
+/// separated decimal "shapes" (`octet_length(name) * 32 + kind * 8 +
+/// deleted * 4 + parent NULL * 2 + inode NULL`), sizes, (non-NULL) inodes,
+/// created_at, modified_at and seqs; the names concatenated; and the
+/// number of rows whose blobs are not 16 bytes (the page is then refused).
+/// One aggregate per column avoids building each row with a chain of `||`
+/// (which copies the growing row string at every step: 2x slower).
+const ENTRY_PACK: &str = "SELECT count(*), \
+    CAST(group_concat(id, '') AS BLOB), \
+    CAST(group_concat(location, '') AS BLOB), \
+    CAST(group_concat(parent, '') AS BLOB), \
+    CAST(group_concat(octet_length(name) * 32 + kind * 8 + deleted * 4 \
+        + (parent IS NULL) * 2 + (inode IS NULL), ',') AS BLOB), \
+    CAST(group_concat(size, ',') AS BLOB), \
+    CAST(group_concat(inode, ',') AS BLOB), \
+    CAST(group_concat(created_at, ',') AS BLOB), \
+    CAST(group_concat(modified_at, ',') AS BLOB), \
+    CAST(group_concat(seq, ',') AS BLOB), \
+    CAST(group_concat(name, '') AS BLOB), \
+    sum(length(id) != 16 OR length(location) != 16 \
+        OR (parent IS NOT NULL AND length(parent) != 16)) \
+    FROM entry WHERE owner = ? AND seq > ? AND seq <= ?";
+
+/// The count and the highest seq of the next page of an owner's entries
+/// (seq > ?2, at most ?3 rows), from the `(owner, seq)` index alone. The
+/// page is then packed as the seq range `(?2, max]`: aggregating a plain
+/// index range scan is cheaper than aggregating an `ORDER BY .. LIMIT`
+/// subquery (no co-routine copying every row).
+const ENTRY_PAGE_BOUND: &str = "SELECT count(*), max(seq) FROM \
+    (SELECT seq FROM entry WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?)";
+
 impl Store {
     /// Records (entries and locations) of `owner` with seq > `after`, in seq
     /// order, at most `limit`, read in one read transaction.
+    ///
+    /// Runs on one reader connection through sqlx directly, in one explicit
+    /// read transaction: the entries come packed by SQLite, one row per page
+    /// (see [`ENTRY_PACK`]), so a 10K-record page costs two statements
+    /// instead of 10K sea-orm rows (~4 us per row before, ~1.2 us now).
     pub async fn records_after(
         &self,
         owner: DeviceId,
@@ -27,47 +75,106 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let mut conn = self.inner.reader_pool.acquire().await.map_err(db_err)?;
+        // One read transaction for every statement below: entries and
+        // locations come from the same snapshot of the library.
+        let mut txn = conn.begin().await.map_err(db_err)?;
+        let owner_id = owner.to_bytes().to_vec();
         let lim = i64::try_from(limit).unwrap_or(i64::MAX);
-        let txn = self.inner.reader.begin().await?;
-        let params = || {
-            vec![
-                blob(owner.to_bytes()),
-                Value::BigInt(Some(u2i(after.0))),
-                Value::BigInt(Some(lim)),
-            ]
-        };
-        let locs = query(
-            &txn,
-            format!(
-                "SELECT {LOCATION_COLUMNS} FROM location WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?"
-            ),
-            params(),
+        let loc_rows = sqlx::query(
+            "SELECT id, owner, path, name, seq, deleted FROM location \
+             WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
-        .await?;
-        let ents = query(
-            &txn,
-            format!(
-                "SELECT {ENTRY_COLUMNS} FROM entry WHERE owner = ? AND seq > ? ORDER BY seq LIMIT ?"
-            ),
-            params(),
-        )
-        .await?;
-        txn.commit().await?;
-        let locs = locs
-            .iter()
-            .map(location_from_row)
-            .collect::<Result<Vec<Location>>>()?;
-        let ents = ents
-            .iter()
-            .map(entry_from_row)
-            .collect::<Result<Vec<Entry>>>()?;
+        .bind(owner_id.clone())
+        .bind(u2i(after.0))
+        .bind(lim)
+        .fetch_all(&mut *txn)
+        .await
+        .map_err(db_err)?;
+        let mut locs = Vec::with_capacity(loc_rows.len());
+        for row in &loc_rows {
+            let id: Vec<u8> = row.try_get(0).map_err(db_err)?;
+            let owner: Vec<u8> = row.try_get(1).map_err(db_err)?;
+            locs.push(Location {
+                id: LocationId::from_bytes(id16(&id)?),
+                owner: DeviceId::from_bytes(id16(&owner)?),
+                path: row.try_get(2).map_err(db_err)?,
+                name: row.try_get(3).map_err(db_err)?,
+                seq: Seq(i2u(row.try_get(4).map_err(db_err)?)),
+                deleted: row.try_get(5).map_err(db_err)?,
+            });
+        }
+        drop(loc_rows);
+
+        let mut ents: Vec<Entry> = Vec::with_capacity(limit.min(PACK_PAGE));
+        let mut cursor = u2i(after.0);
+        let mut remaining = limit;
+        while remaining > 0 {
+            let want = remaining.min(PACK_PAGE);
+            let bound = sqlx::query(ENTRY_PAGE_BOUND)
+                .bind(owner_id.clone())
+                .bind(cursor)
+                .bind(want as i64)
+                .fetch_one(&mut *txn)
+                .await
+                .map_err(db_err)?;
+            let expect: i64 = bound.try_get(0).map_err(db_err)?;
+            let Some(max_seq) = bound.try_get::<Option<i64>, _>(1).map_err(db_err)? else {
+                break;
+            };
+            let row = sqlx::query(ENTRY_PACK)
+                .bind(owner_id.clone())
+                .bind(cursor)
+                .bind(max_seq)
+                .fetch_one(&mut *txn)
+                .await
+                .map_err(db_err)?;
+            let n: i64 = row.try_get(0).map_err(db_err)?;
+            // More rows than counted only if several share the page's last
+            // seq (never written so; they are all returned).
+            if n < expect {
+                return Err(StorageError::Corrupt(format!(
+                    "entry page of {n} rows, the index counts {expect}"
+                )));
+            }
+            if n <= 0 {
+                break;
+            }
+            let malformed: i64 = row.try_get(11).map_err(db_err)?;
+            if malformed > 0 {
+                return Err(StorageError::Corrupt(format!(
+                    "{malformed} entry rows with ids that are not 16 bytes"
+                )));
+            }
+            let mut cols: [&[u8]; 10] = [&[]; 10];
+            for (i, c) in cols.iter_mut().enumerate() {
+                *c = row
+                    .try_get::<Option<&[u8]>, _>(i + 1)
+                    .map_err(db_err)?
+                    .unwrap_or_default();
+            }
+            let got = unpack_entries(&cols, n as usize, &mut ents)?;
+            // Stored seqs are i64 bit patterns, ordered as i64 by SQLite.
+            cursor = ents.last().map_or(cursor, |e| u2i(e.seq.0));
+            remaining = remaining.saturating_sub(got);
+            if got < want {
+                break;
+            }
+        }
+        txn.commit().await.map_err(db_err)?;
+        // The subquery's ORDER BY fixes the aggregate's input order in
+        // practice; re-sort if it ever does not (stable and cheap when sorted).
+        if !ents.is_sorted_by_key(|e| u2i(e.seq.0)) {
+            ents.sort_by_key(|e| u2i(e.seq.0));
+        }
+
         // Merge the two seq-ordered lists.
         let mut out = Vec::with_capacity(limit.min(locs.len() + ents.len()));
         let mut li = locs.into_iter().peekable();
         let mut ei = ents.into_iter().peekable();
         while out.len() < limit {
             let take_loc = match (li.peek(), ei.peek()) {
-                (Some(l), Some(e)) => l.seq <= e.seq,
+                (Some(l), Some(e)) => u2i(l.seq.0) <= u2i(e.seq.0),
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
                 (None, None) => break,
@@ -260,4 +367,127 @@ fn fold_packed(packed: &[u8], n: u64, fp: &mut Fingerprint) -> Result<(u64, u64)
         return Err(bad());
     }
     Ok((live, dead))
+}
+
+/// A cursor over one packed column (see [`ENTRY_PACK`]).
+struct Packed<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Packed<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Packed { buf, at: 0 }
+    }
+
+    fn bad() -> StorageError {
+        StorageError::Corrupt("malformed packed entry rows".into())
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        let s = self.buf.get(self.at..self.at + n).ok_or_else(Self::bad)?;
+        self.at += n;
+        Ok(s)
+    }
+
+    fn id(&mut self) -> Result<[u8; 16]> {
+        self.bytes(16)?.try_into().map_err(|_| Self::bad())
+    }
+
+    /// The next decimal i64 of a `,` separated list.
+    fn int(&mut self) -> Result<i64> {
+        let neg = self.buf.get(self.at) == Some(&b'-');
+        if neg {
+            self.at += 1;
+        }
+        let mut v: u64 = 0;
+        let mut digits = 0;
+        while let Some(&d) = self.buf.get(self.at) {
+            self.at += 1;
+            match d {
+                b',' => break,
+                b'0'..=b'9' => {
+                    v = v.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
+                    digits += 1;
+                }
+                _ => return Err(Self::bad()),
+            }
+        }
+        if digits == 0 {
+            return Err(Self::bad());
+        }
+        // Two's complement: `-9223372036854775808` wraps to i64::MIN.
+        Ok(if neg { v.wrapping_neg() } else { v } as i64)
+    }
+
+    fn done(&self) -> bool {
+        self.at == self.buf.len()
+    }
+}
+
+/// Appends the `n` entries of a packed page (the 10 packed columns of
+/// [`ENTRY_PACK`] after the count) to `out`; returns `n`.
+fn unpack_entries(cols: &[&[u8]; 10], n: usize, out: &mut Vec<Entry>) -> Result<usize> {
+    let [
+        ids,
+        locs,
+        parents,
+        shapes,
+        sizes,
+        inodes,
+        created,
+        modified,
+        seqs,
+        names,
+    ] = cols.map(Packed::new);
+    let (mut ids, mut locs, mut parents, mut shapes) = (ids, locs, parents, shapes);
+    let (mut sizes, mut inodes, mut created, mut modified) = (sizes, inodes, created, modified);
+    let (mut seqs, mut names) = (seqs, names);
+    out.reserve(n);
+    for _ in 0..n {
+        let shape = u64::try_from(shapes.int()?).map_err(|_| Packed::bad())?;
+        let code = ((shape >> 3) & 3) as u8;
+        let kind = EntryKind::from_code(code)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown entry kind {code}")))?;
+        let id = EntryId::from_bytes(ids.id()?);
+        let location = LocationId::from_bytes(locs.id()?);
+        let parent = if shape & 2 == 0 {
+            Some(EntryId::from_bytes(parents.id()?))
+        } else {
+            None
+        };
+        let size = i2u(sizes.int()?);
+        let inode = if shape & 1 == 0 {
+            Some(i2u(inodes.int()?))
+        } else {
+            None
+        };
+        let created_at = micros::from_micros(created.int()?);
+        let modified_at = micros::from_micros(modified.int()?);
+        let seq = Seq(i2u(seqs.int()?));
+        let len = usize::try_from(shape >> 5).map_err(|_| Packed::bad())?;
+        let name = std::str::from_utf8(names.bytes(len)?)
+            .map_err(|_| StorageError::Corrupt("entry name is not UTF-8".into()))?
+            .to_owned();
+        out.push(Entry {
+            id,
+            location,
+            parent,
+            name,
+            kind,
+            size,
+            inode,
+            created_at,
+            modified_at,
+            seq,
+            deleted: shape & 4 != 0,
+        });
+    }
+    let all = [
+        &ids, &locs, &parents, &shapes, &sizes, &inodes, &created, &modified, &seqs, &names,
+    ];
+    if !all.iter().all(|c| c.done()) {
+        return Err(Packed::bad());
+    }
+    Ok(n)
 }

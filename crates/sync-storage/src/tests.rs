@@ -871,3 +871,159 @@ async fn bad_snapshots_are_refused_and_change_nothing() {
         a.summary(me).await.unwrap().fingerprint
     );
 }
+
+#[tokio::test]
+async fn new_library_uses_large_pages_and_writer_survives_refusals() {
+    let dir = TempDir::new().unwrap();
+    let (s, me) = device(&dir, "s").await;
+    let row = s
+        .inner
+        .reader
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Sqlite,
+            "PRAGMA page_size",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.try_get_by_index::<i64>(0).unwrap(),
+        i64::from(PAGE_SIZE)
+    );
+
+    // A refusal inside the sqlx transaction (a gap) rolls back and hands the
+    // writer connection back clean: the next batch and a local commit work.
+    let owner = DeviceId::new_v7();
+    let idx = IndexId::random();
+    let (loc, recs) = batch(owner, 1500);
+    s.apply_batch(owner, idx, Seq(0), Seq(1501), recs)
+        .await
+        .unwrap();
+    let e = s
+        .apply_batch(
+            owner,
+            idx,
+            Seq(2000),
+            Seq(2001),
+            vec![Record::Entry(entry(loc.id, 1, 2001))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Gap { .. }), "{e}");
+    let w = s
+        .apply_batch(
+            owner,
+            idx,
+            Seq(1501),
+            Seq(1502),
+            vec![Record::Entry(entry(loc.id, 1, 1502))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(w.seq, Seq(1502));
+    let l = location(me, 0);
+    let r = s
+        .commit_local(me, vec![LocalChange::Location(l)])
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(s.summary(owner).await.unwrap().entries, 1501);
+}
+
+#[tokio::test]
+async fn records_after_round_trips_odd_values_across_pages() {
+    let dir = TempDir::new().unwrap();
+    let (s, _) = device(&dir, "s").await;
+    let owner = DeviceId::new_v7();
+    let (loc, mut recs) = batch(owner, 300);
+    let names = [
+        "",
+        "a,b",
+        "nul\0byte",
+        "日本語の名前.txt",
+        "-1",
+        "x".repeat(5000).leak(),
+    ];
+    let parent = EntryId::new_v7();
+    let early = Utc.timestamp_opt(-2_000_000_000, 1_000).unwrap();
+    for (i, r) in recs.iter_mut().enumerate() {
+        if let Record::Entry(e) = r {
+            e.name = names[i % names.len()].to_owned();
+            e.parent = (i % 2 == 0).then_some(parent);
+            e.deleted = i % 5 == 0;
+            e.kind = EntryKind::from_code((i % 3) as u8).unwrap();
+            e.size = if i % 4 == 0 { 0 } else { u64::MAX - i as u64 };
+            if i % 11 == 0 {
+                e.created_at = early;
+                e.modified_at = early;
+            }
+        }
+    }
+    // A second location in the middle of the seq range.
+    let mut loc2 = location(owner, 150);
+    loc2.name = "two,names\0".into();
+    if let Record::Entry(e) = &mut recs[149] {
+        e.seq = Seq(400);
+    }
+    recs.push(Record::Location(loc2));
+    s.apply_batch(owner, IndexId(1), Seq(0), Seq(400), recs.clone())
+        .await
+        .unwrap();
+    let mut want = recs.clone();
+    want.sort_by_key(|r| r.seq());
+    for page in [1, 7, 100, 1000] {
+        let mut got = Vec::new();
+        let mut after = Seq(0);
+        loop {
+            let p = s.records_after(owner, after, page).await.unwrap();
+            assert!(p.len() <= page);
+            let Some(last) = p.last() else { break };
+            after = last.seq();
+            got.extend(p);
+        }
+        assert_eq!(got, want, "page size {page}");
+    }
+    assert_eq!(s.count_after(owner, Seq(0)).await.unwrap(), 302);
+    assert_eq!(s.location_entries(loc.id).await.unwrap().len(), 300);
+    // Seqs above i64::MAX are read back in stored (i64) order.
+    let other = DeviceId::new_v7();
+    let (_, mut high) = batch(other, 20);
+    let base = u64::MAX - 100;
+    for (i, r) in high.iter_mut().enumerate() {
+        match r {
+            Record::Location(l) => l.seq = Seq(base + 1),
+            Record::Entry(e) => e.seq = Seq(base + 1 + i as u64),
+        }
+    }
+    s.apply_batch(other, IndexId(2), Seq(0), Seq(base + 50), high.clone())
+        .await
+        .unwrap();
+    assert_eq!(s.records_after(other, Seq(base), 100).await.unwrap(), high);
+    assert_eq!(
+        s.records_after(other, Seq(base + 10), 3).await.unwrap(),
+        high[10..13].to_vec()
+    );
+}
+
+#[tokio::test]
+async fn checkpoint_truncates_the_wal() {
+    let dir = TempDir::new().unwrap();
+    let (s, _) = device(&dir, "s").await;
+    let owner = DeviceId::new_v7();
+    let (_, recs) = batch(owner, 2000);
+    s.apply_batch(owner, IndexId(1), Seq(0), Seq(2001), recs)
+        .await
+        .unwrap();
+    let mut wal = s.path().as_os_str().to_owned();
+    wal.push("-wal");
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    s.checkpoint().await.unwrap();
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+    // Writes and reads go on afterwards.
+    let me = s.device().await.unwrap().unwrap().device_id;
+    let l = location(me, 0);
+    s.commit_local(me, vec![LocalChange::Location(l)])
+        .await
+        .unwrap();
+    assert_eq!(s.summary(owner).await.unwrap().entries, 2000);
+}

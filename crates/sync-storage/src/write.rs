@@ -2,14 +2,19 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sea_orm::{ConnectionTrait, TransactionTrait, Value};
+use sea_orm::ConnectionTrait;
+use sea_orm::sqlx::{Connection as _, SqliteConnection};
 use sync_core::{DeviceId, Entry, EntryId, IndexId, Location, LocationId, Record, Seq, Watermark};
 use tracing::Instrument;
 
+use crate::Store;
+use crate::bulk::{
+    self, db_err, location_owners, owner_state, set_local_seq, set_watermark, tombstone,
+    upsert_entries, upsert_locations,
+};
 use crate::error::{Result, StorageError};
-use crate::rows::{blob, exec, location_owners, tombstone, u2i, upsert_entries, upsert_locations};
+use crate::rows::{blob, exec};
 use crate::types::{LocalChange, SeqRange};
-use crate::{Store, owner_state, set_watermark};
 
 /// Local changes committed per transaction.
 const LOCAL_CHANGES_PER_TX: usize = 10_000;
@@ -34,15 +39,16 @@ impl Store {
         );
         async move {
             let _guard = self.inner.write_lock.lock().await;
-            self.check_local_locations(owner, &changes).await?;
-            let start = owner_state(&self.inner.writer, owner)
+            let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
+            check_local_locations(&mut conn, owner, &changes).await?;
+            let start = owner_state(&mut conn, owner)
                 .await?
                 .ok_or(StorageError::NotInitialized)?
                 .watermark
                 .seq;
             let mut seq = start;
             for chunk in changes.chunks(LOCAL_CHANGES_PER_TX) {
-                seq = self.commit_local_tx(owner, seq, chunk).await?;
+                seq = commit_local_tx(&mut conn, owner, seq, chunk).await?;
             }
             tracing::debug!(first = start.0 + 1, last = seq.0, "committed");
             Ok(SeqRange {
@@ -53,147 +59,146 @@ impl Store {
         .instrument(span)
         .await
     }
+}
 
-    /// Refuses local changes that write another owner's location, or
-    /// entries in a location this device does not own. Checked before any
-    /// transaction so a refused commit writes nothing.
-    async fn check_local_locations(&self, owner: DeviceId, changes: &[LocalChange]) -> Result<()> {
-        let mut own: HashSet<LocationId> = HashSet::new();
-        let mut wanted: HashSet<LocationId> = HashSet::new();
-        for c in changes {
-            match c {
-                LocalChange::Location(l) => {
-                    if l.owner != owner {
-                        return Err(StorageError::ForeignOwner {
-                            owner,
-                            detail: format!(
-                                "location {} belongs to {}",
-                                l.id.fmt_short(),
-                                l.owner.fmt_short()
-                            ),
-                        });
-                    }
-                    own.insert(l.id);
-                    wanted.insert(l.id);
-                }
-                LocalChange::Entry(e) => {
-                    wanted.insert(e.location);
-                }
-                _ => {}
-            }
-        }
-        let ids: Vec<LocationId> = wanted.into_iter().collect();
-        let stored: HashMap<LocationId, DeviceId> = location_owners(&self.inner.writer, &ids)
-            .await?
-            .into_iter()
-            .collect();
-        for id in ids {
-            match stored.get(&id) {
-                Some(o) if *o != owner => {
+/// Refuses local changes that write another owner's location, or
+/// entries in a location this device does not own. Checked before any
+/// transaction so a refused commit writes nothing.
+async fn check_local_locations(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    changes: &[LocalChange],
+) -> Result<()> {
+    let mut own: HashSet<LocationId> = HashSet::new();
+    let mut wanted: HashSet<LocationId> = HashSet::new();
+    for c in changes {
+        match c {
+            LocalChange::Location(l) => {
+                if l.owner != owner {
                     return Err(StorageError::ForeignOwner {
                         owner,
-                        detail: format!("location {} belongs to {}", id.fmt_short(), o.fmt_short()),
+                        detail: format!(
+                            "location {} belongs to {}",
+                            l.id.fmt_short(),
+                            l.owner.fmt_short()
+                        ),
                     });
                 }
-                None if !own.contains(&id) => {
-                    return Err(StorageError::ForeignOwner {
-                        owner,
-                        detail: format!("entry in unknown location {}", id.fmt_short()),
-                    });
-                }
-                _ => {}
+                own.insert(l.id);
+                wanted.insert(l.id);
             }
-        }
-        Ok(())
-    }
-
-    /// One transaction of `commit_local`: returns the last seq stamped.
-    async fn commit_local_tx(
-        &self,
-        owner: DeviceId,
-        mut seq: Seq,
-        chunk: &[LocalChange],
-    ) -> Result<Seq> {
-        // Final state per id inside this transaction, in change order.
-        let mut locs: HashMap<LocationId, Location> = HashMap::new();
-        let mut ents: HashMap<EntryId, Entry> = HashMap::new();
-        let mut del_locs: HashMap<LocationId, Seq> = HashMap::new();
-        let mut del_ents: HashMap<EntryId, Seq> = HashMap::new();
-        for c in chunk {
-            seq = seq.next();
-            match c {
-                LocalChange::Location(l) => {
-                    del_locs.remove(&l.id);
-                    locs.insert(
-                        l.id,
-                        Location {
-                            seq,
-                            deleted: false,
-                            ..l.clone()
-                        },
-                    );
-                }
-                LocalChange::Entry(e) => {
-                    del_ents.remove(&e.id);
-                    ents.insert(
-                        e.id,
-                        Entry {
-                            seq,
-                            deleted: false,
-                            ..e.clone()
-                        },
-                    );
-                }
-                LocalChange::DeleteEntry(id) => match ents.get_mut(id) {
-                    Some(e) => {
-                        e.seq = seq;
-                        e.deleted = true;
-                    }
-                    None => {
-                        del_ents.insert(*id, seq);
-                    }
-                },
-                LocalChange::DeleteLocation(id) => match locs.get_mut(id) {
-                    Some(l) => {
-                        l.seq = seq;
-                        l.deleted = true;
-                    }
-                    None => {
-                        del_locs.insert(*id, seq);
-                    }
-                },
+            LocalChange::Entry(e) => {
+                wanted.insert(e.location);
             }
+            _ => {}
         }
-        let mut locs: Vec<&Location> = locs.values().collect();
-        locs.sort_unstable_by_key(|l| l.id);
-        let mut ents: Vec<&Entry> = ents.values().collect();
-        ents.sort_unstable_by_key(|e| e.id);
-        let mut del_locs: Vec<([u8; 16], Seq)> = del_locs
-            .into_iter()
-            .map(|(id, s)| (id.to_bytes(), s))
-            .collect();
-        del_locs.sort_unstable();
-        let mut del_ents: Vec<([u8; 16], Seq)> = del_ents
-            .into_iter()
-            .map(|(id, s)| (id.to_bytes(), s))
-            .collect();
-        del_ents.sort_unstable();
-
-        let txn = self.inner.writer.begin().await?;
-        upsert_locations(&txn, owner, &locs).await?;
-        upsert_entries(&txn, owner, &ents).await?;
-        tombstone(&txn, "location", owner, &del_locs).await?;
-        tombstone(&txn, "entry", owner, &del_ents).await?;
-        exec(
-            &txn,
-            "UPDATE owner_state SET seq = ? WHERE owner = ? AND local = 1",
-            vec![Value::BigInt(Some(u2i(seq.0))), blob(owner.to_bytes())],
-        )
-        .await?;
-        txn.commit().await?;
-        Ok(seq)
     }
+    let ids: Vec<LocationId> = wanted.into_iter().collect();
+    let stored: HashMap<LocationId, DeviceId> =
+        location_owners(conn, &ids).await?.into_iter().collect();
+    for id in ids {
+        match stored.get(&id) {
+            Some(o) if *o != owner => {
+                return Err(StorageError::ForeignOwner {
+                    owner,
+                    detail: format!("location {} belongs to {}", id.fmt_short(), o.fmt_short()),
+                });
+            }
+            None if !own.contains(&id) => {
+                return Err(StorageError::ForeignOwner {
+                    owner,
+                    detail: format!("entry in unknown location {}", id.fmt_short()),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
+/// One transaction of `commit_local`: returns the last seq stamped.
+async fn commit_local_tx(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    mut seq: Seq,
+    chunk: &[LocalChange],
+) -> Result<Seq> {
+    // Final state per id inside this transaction, in change order.
+    let mut locs: HashMap<LocationId, Location> = HashMap::new();
+    let mut ents: HashMap<EntryId, Entry> = HashMap::new();
+    let mut del_locs: HashMap<LocationId, Seq> = HashMap::new();
+    let mut del_ents: HashMap<EntryId, Seq> = HashMap::new();
+    for c in chunk {
+        seq = seq.next();
+        match c {
+            LocalChange::Location(l) => {
+                del_locs.remove(&l.id);
+                locs.insert(
+                    l.id,
+                    Location {
+                        seq,
+                        deleted: false,
+                        ..l.clone()
+                    },
+                );
+            }
+            LocalChange::Entry(e) => {
+                del_ents.remove(&e.id);
+                ents.insert(
+                    e.id,
+                    Entry {
+                        seq,
+                        deleted: false,
+                        ..e.clone()
+                    },
+                );
+            }
+            LocalChange::DeleteEntry(id) => match ents.get_mut(id) {
+                Some(e) => {
+                    e.seq = seq;
+                    e.deleted = true;
+                }
+                None => {
+                    del_ents.insert(*id, seq);
+                }
+            },
+            LocalChange::DeleteLocation(id) => match locs.get_mut(id) {
+                Some(l) => {
+                    l.seq = seq;
+                    l.deleted = true;
+                }
+                None => {
+                    del_locs.insert(*id, seq);
+                }
+            },
+        }
+    }
+    let mut locs: Vec<&Location> = locs.values().collect();
+    locs.sort_unstable_by_key(|l| l.id);
+    let mut ents: Vec<&Entry> = ents.values().collect();
+    ents.sort_unstable_by_key(|e| e.id);
+    let mut del_locs: Vec<([u8; 16], Seq)> = del_locs
+        .into_iter()
+        .map(|(id, s)| (id.to_bytes(), s))
+        .collect();
+    del_locs.sort_unstable();
+    let mut del_ents: Vec<([u8; 16], Seq)> = del_ents
+        .into_iter()
+        .map(|(id, s)| (id.to_bytes(), s))
+        .collect();
+    del_ents.sort_unstable();
+
+    let mut txn = conn.begin().await.map_err(db_err)?;
+    upsert_locations(&mut txn, owner, &locs).await?;
+    upsert_entries(&mut txn, owner, &ents).await?;
+    tombstone(&mut txn, "location", owner, &del_locs).await?;
+    tombstone(&mut txn, "entry", owner, &del_ents).await?;
+    set_local_seq(&mut txn, owner, seq).await?;
+    txn.commit().await.map_err(db_err)?;
+    Ok(seq)
+}
+
+impl Store {
     /// Applies a batch of `owner`'s records with `after < seq <= last` in ONE
     /// transaction, "higher seq wins", and moves the watermark to
     /// `max(held, last)` in the same transaction. Refused with nothing
@@ -254,8 +259,10 @@ impl Store {
             ents.sort_unstable_by_key(|e| e.id);
 
             let _guard = self.inner.write_lock.lock().await;
-            let txn = self.inner.writer.begin().await?;
-            let held = owner_state(&txn, owner).await?;
+            let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
+            // Dropped without commit (a refusal or an error): rolled back.
+            let mut txn = conn.begin().await.map_err(db_err)?;
+            let held = owner_state(&mut txn, owner).await?;
             let mut reset = false;
             match held {
                 Some(s) if s.local => return Err(StorageError::LocalOwner { owner }),
@@ -289,18 +296,18 @@ impl Store {
             }
             if reset {
                 tracing::info!(index = %index_id, "new index of owner: dropping its old rows");
-                drop_owner_rows(&txn, owner).await?;
+                bulk::drop_owner_rows(&mut txn, owner).await?;
             }
-            check_batch_locations(&txn, owner, &locs, &ents).await?;
-            upsert_locations(&txn, owner, &locs).await?;
-            upsert_entries(&txn, owner, &ents).await?;
+            check_batch_locations(&mut txn, owner, &locs, &ents).await?;
+            upsert_locations(&mut txn, owner, &locs).await?;
+            upsert_entries(&mut txn, owner, &ents).await?;
             let seq = match held {
                 Some(s) if !reset => s.watermark.seq.max(last),
                 _ => last,
             };
             let w = Watermark::new(index_id, seq);
-            set_watermark(&txn, owner, w).await?;
-            txn.commit().await?;
+            set_watermark(&mut txn, owner, w).await?;
+            txn.commit().await.map_err(db_err)?;
             Ok(w)
         }
         .instrument(span)
@@ -316,15 +323,16 @@ impl Store {
             tracing::info_span!("reset_owner", owner = %owner.fmt_short(), index = %index_id);
         async move {
             let _guard = self.inner.write_lock.lock().await;
-            let txn = self.inner.writer.begin().await?;
-            if let Some(s) = owner_state(&txn, owner).await?
+            let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
+            let mut txn = conn.begin().await.map_err(db_err)?;
+            if let Some(s) = owner_state(&mut txn, owner).await?
                 && s.local
             {
                 return Err(StorageError::LocalOwner { owner });
             }
-            drop_owner_rows(&txn, owner).await?;
-            set_watermark(&txn, owner, Watermark::new(index_id, Seq::ZERO)).await?;
-            txn.commit().await?;
+            bulk::drop_owner_rows(&mut txn, owner).await?;
+            set_watermark(&mut txn, owner, Watermark::new(index_id, Seq::ZERO)).await?;
+            txn.commit().await.map_err(db_err)?;
             Ok(())
         }
         .instrument(span)
@@ -351,8 +359,8 @@ pub(crate) async fn drop_owner_rows<C: ConnectionTrait>(c: &C, owner: DeviceId) 
 
 /// Every location of the batch must not be stored under another owner, and
 /// every entry's location must be a location of `owner` (in the batch or stored).
-async fn check_batch_locations<C: ConnectionTrait>(
-    c: &C,
+async fn check_batch_locations(
+    conn: &mut SqliteConnection,
     owner: DeviceId,
     locs: &[&Location],
     ents: &[&Entry],
@@ -362,7 +370,7 @@ async fn check_batch_locations<C: ConnectionTrait>(
     wanted.extend(ents.iter().map(|e| e.location));
     let ids: Vec<LocationId> = wanted.into_iter().collect();
     let stored: HashMap<LocationId, DeviceId> =
-        location_owners(c, &ids).await?.into_iter().collect();
+        location_owners(conn, &ids).await?.into_iter().collect();
     for id in ids {
         match stored.get(&id) {
             Some(o) if *o != owner => {
