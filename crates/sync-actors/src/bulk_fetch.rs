@@ -644,6 +644,7 @@ impl Receiver {
             )
             .await;
             self.pull = None;
+            self.checkpoint_wal().await;
             let msg = self
                 .shared
                 .watermarks_message()
@@ -803,6 +804,7 @@ impl Receiver {
             chrono::Utc::now(),
         )
         .await;
+        self.checkpoint_wal().await;
         let msg = self
             .shared
             .watermarks_message()
@@ -812,6 +814,14 @@ impl Receiver {
                 message: e.to_string(),
             })?;
         self.send(msg).await
+    }
+
+    /// After a bulk load, folds the WAL back into the library so the next
+    /// small commit does not pay for the backlog.
+    async fn checkpoint_wal(&self) {
+        if let Err(e) = self.shared.store.checkpoint().await {
+            warn!(cause = %e, "WAL checkpoint failed");
+        }
     }
 }
 
