@@ -108,6 +108,7 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         events,
         shutdown: CancellationToken::new(),
         panic_injected: std::sync::atomic::AtomicBool::new(false),
+        commits_in_flight: std::sync::atomic::AtomicUsize::new(0),
     });
     let exporter = SnapshotExporter::new(shared.clone()).start();
     let supervisor = TransferSupervisor::new(shared.clone(), exporter.clone()).start();

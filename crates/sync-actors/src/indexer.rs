@@ -14,7 +14,7 @@ use tracing::{Instrument, info, info_span};
 
 use crate::error::EngineError;
 use crate::events::SyncEvent;
-use crate::shared::SharedRef;
+use crate::shared::{CommitGuard, SharedRef};
 use crate::supervisor::{Pump, TransferSupervisor};
 
 /// Commit changes of this device's records.
@@ -59,7 +59,14 @@ impl Handler<Commit> for Indexer {
         let span = info_span!("commit", owner = %shared.me().fmt_short(), count);
         Box::pin(
             async move {
-                let range = shared.store.commit_local(shared.me(), msg.0).await?;
+                let guard = CommitGuard::new(&shared);
+                let range = shared.store.commit_local(shared.me(), msg.0).await;
+                drop(guard);
+                if range.is_err() {
+                    // Part of a multi-transaction commit may have landed.
+                    supervisor.do_send(Pump(None));
+                }
+                let range = range?;
                 info!(first = %range.first, last = %range.last, "committed");
                 if range.first <= range.last {
                     shared.emit(SyncEvent::LocalCommitted {
@@ -126,7 +133,13 @@ impl Handler<IndexPath> for Indexer {
                 .map_err(|e| EngineError::Index(format!("{}: {e}", msg.path.display())))?;
                 let mut report = plan.report;
                 if !plan.changes.is_empty() {
-                    let range = shared.store.commit_local(me, plan.changes).await?;
+                    let guard = CommitGuard::new(&shared);
+                    let range = shared.store.commit_local(me, plan.changes).await;
+                    drop(guard);
+                    if range.is_err() {
+                        supervisor.do_send(Pump(None));
+                    }
+                    let range = range?;
                     if range.first <= range.last {
                         shared.emit(SyncEvent::LocalCommitted {
                             owner: me,

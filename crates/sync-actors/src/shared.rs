@@ -21,6 +21,10 @@ pub(crate) struct Shared {
     pub net: NetConfig,
     pub events: broadcast::Sender<SyncEvent>,
     pub shutdown: CancellationToken,
+    /// Commits of this engine in progress: a bulk commit spans several
+    /// transactions, and planning a transfer in the middle would pick a
+    /// strategy for a fraction of it.
+    pub commits_in_flight: std::sync::atomic::AtomicUsize,
     /// Set once an injected sender panic has fired (`Faults`), so the retry runs clean.
     pub panic_injected: std::sync::atomic::AtomicBool,
 }
@@ -47,5 +51,25 @@ impl Shared {
             list.push((owner, w.index_id, w.seq));
         }
         Ok(Message::Watermarks(list))
+    }
+}
+
+/// Counts a commit as in flight while it lives.
+pub(crate) struct CommitGuard(SharedRef);
+
+impl CommitGuard {
+    pub fn new(shared: &SharedRef) -> Self {
+        shared
+            .commits_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CommitGuard(shared.clone())
+    }
+}
+
+impl Drop for CommitGuard {
+    fn drop(&mut self) {
+        self.0
+            .commits_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -226,7 +226,13 @@ impl TransferSupervisor {
         let Some(st) = self.peers.get_mut(&peer) else {
             return;
         };
-        if !st.watermarks_seen || st.outgoing.is_some() || st.pumping || st.waiting {
+        // A commit in flight pumps again when it ends (the Indexer sends Pump).
+        let committing = self
+            .shared
+            .commits_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0;
+        if !st.watermarks_seen || st.outgoing.is_some() || st.pumping || st.waiting || committing {
             st.repump = true;
             return;
         }
@@ -517,7 +523,12 @@ impl Actor for TransferSupervisor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(LOCAL_POLL, |act, ctx| {
-            if act.peers.is_empty() {
+            let committing = act
+                .shared
+                .commits_in_flight
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0;
+            if act.peers.is_empty() || committing {
                 return;
             }
             let store = act.shared.store.clone();
