@@ -644,16 +644,7 @@ impl Receiver {
             )
             .await;
             self.pull = None;
-            self.checkpoint_wal().await;
-            let msg = self
-                .shared
-                .watermarks_message()
-                .await
-                .map_err(|e| Refusal {
-                    code: ErrorCode::Storage,
-                    message: e.to_string(),
-                })?;
-            return self.send(msg).await;
+            return self.after_bulk_load().await;
         }
         // One batch applied: grant one more.
         self.send(Wire::FetchRequest {
@@ -804,6 +795,12 @@ impl Receiver {
             chrono::Utc::now(),
         )
         .await;
+        self.after_bulk_load().await
+    }
+
+    /// After a bulk load: fold the WAL back into the library, then tell the
+    /// peer what this device now holds (it plans the tail from that).
+    async fn after_bulk_load(&self) -> Result<(), Refusal> {
         self.checkpoint_wal().await;
         let msg = self
             .shared

@@ -222,6 +222,13 @@ impl TransferSupervisor {
         });
     }
 
+    /// The state of `peer`'s session, if it is still session `generation`.
+    fn session_state(&mut self, peer: DeviceId, generation: u64) -> Option<&mut PeerState> {
+        self.peers
+            .get_mut(&peer)
+            .filter(|st| st.generation == generation)
+    }
+
     fn pump(&mut self, peer: DeviceId, ctx: &mut Context<Self>) {
         let Some(st) = self.peers.get_mut(&peer) else {
             return;
@@ -255,18 +262,16 @@ impl TransferSupervisor {
             }
             .into_actor(self)
             .map(move |res, act, ctx| {
-                let Some(st) = act.peers.get_mut(&peer) else {
+                let thresholds = act.shared.config.thresholds;
+                let Some(st) = act.session_state(peer, generation) else {
                     return;
                 };
-                if st.generation != generation {
-                    return;
-                }
                 st.pumping = false;
                 match res {
                     Err(e) => warn!(peer = %peer.fmt_short(), cause = %e, "cannot plan a transfer"),
                     Ok((local, holding, pending)) => {
                         let strategy =
-                            choose_strategy(holding, pending, &act.shared.config.thresholds);
+                            choose_strategy(holding, pending, &thresholds);
                         debug!(peer = %peer.fmt_short(), ?holding, pending, %strategy, "strategy chosen");
                         match strategy {
                             Strategy::UpToDate => {
@@ -750,12 +755,9 @@ impl Handler<FetchReceived> for TransferSupervisor {
                     }
                     .into_actor(self)
                     .map(move |res, act, ctx| {
-                        let Some(st) = act.peers.get_mut(&peer) else {
+                        let Some(st) = act.session_state(peer, generation) else {
                             return;
                         };
-                        if st.generation != generation {
-                            return;
-                        }
                         st.pumping = false;
                         match res {
                             Ok((local, start, pending)) if local.seq > start => act
