@@ -59,7 +59,7 @@ impl Handler<Commit> for Indexer {
         let span = info_span!("commit", owner = %shared.me().fmt_short(), count);
         Box::pin(
             async move {
-                let guard = CommitGuard::new(&shared);
+                let guard = CommitGuard::new(&shared, msg.0.len());
                 let range = shared.store.commit_local(shared.me(), msg.0).await;
                 drop(guard);
                 if range.is_err() {
@@ -133,7 +133,7 @@ impl Handler<IndexPath> for Indexer {
                 .map_err(|e| EngineError::Index(format!("{}: {e}", msg.path.display())))?;
                 let mut report = plan.report;
                 if !plan.changes.is_empty() {
-                    let guard = CommitGuard::new(&shared);
+                    let guard = CommitGuard::new(&shared, plan.changes.len());
                     let range = shared.store.commit_local(me, plan.changes).await;
                     drop(guard);
                     if range.is_err() {

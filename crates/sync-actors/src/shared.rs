@@ -54,22 +54,32 @@ impl Shared {
     }
 }
 
-/// Counts a commit as in flight while it lives.
-pub(crate) struct CommitGuard(SharedRef);
+/// Changes above which `commit_local` spans several transactions.
+const MULTI_TRANSACTION_COMMIT: usize = 10_000;
+
+/// Counts a multi-transaction commit as in flight while it lives. Small
+/// commits are one transaction: planning never sees half of one, and
+/// deferring for them would stall live changes committed back to back.
+pub(crate) struct CommitGuard(Option<SharedRef>);
 
 impl CommitGuard {
-    pub fn new(shared: &SharedRef) -> Self {
+    pub fn new(shared: &SharedRef, changes: usize) -> Self {
+        if changes <= MULTI_TRANSACTION_COMMIT {
+            return CommitGuard(None);
+        }
         shared
             .commits_in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        CommitGuard(shared.clone())
+        CommitGuard(Some(shared.clone()))
     }
 }
 
 impl Drop for CommitGuard {
     fn drop(&mut self) {
-        self.0
-            .commits_in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Some(shared) = &self.0 {
+            shared
+                .commits_in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }

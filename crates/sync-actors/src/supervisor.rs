@@ -200,6 +200,12 @@ impl TransferSupervisor {
         last: Seq,
         state: TransferState,
     ) {
+        // Live changes are tiny transfers whose resume point is the peer's
+        // watermark; a checkpoint row per change would put a second write on
+        // the single writer for every commit (measured: live p99 140 ms).
+        if out.strategy == Strategy::Individual {
+            return;
+        }
         let c = Checkpoint {
             transfer: out.transfer,
             peer,
