@@ -258,10 +258,9 @@ impl From<StorageError> for Refusal {
 
 impl Receiver {
     async fn run(mut self, rx: mpsc::Receiver<Inbound>) -> Result<(), String> {
-        let limits = BatchLimits {
-            max_records: self.shared.config.batch_size.max(1) * 2 + 1024,
-            ..BatchLimits::default()
-        };
+        // A protocol-wide limit, not this device's batch size: peers may
+        // be configured differently.
+        let limits = BatchLimits::default();
         // Decode the next batch on the blocking pool while this one applies.
         let decoded = tokio_stream_from(rx)
             .map(move |msg| async move {
@@ -568,7 +567,8 @@ impl Receiver {
             _ => Seq::ZERO,
         };
         if after >= max_seq {
-            return Ok(());
+            // Already held: say so, so the sender's pull completes.
+            return self.ack(TransferId::default(), after).await;
         }
         let transfer = TransferId::new_v7();
         info!(transfer = %transfer.fmt_short(), entry_count, max_seq = %max_seq, "pulling bulk");

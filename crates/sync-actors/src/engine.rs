@@ -447,6 +447,9 @@ fn start_session(
     .start();
 }
 
+/// Why a session closed when a newer one to the same peer took its place.
+pub(crate) const REPLACED: &str = "replaced by a newer session";
+
 /// Keeps a dialed peer connected: after each session ends, dials again with
 /// exponential backoff until shutdown.
 async fn redial(
@@ -459,9 +462,13 @@ async fn redial(
 ) {
     let mut attempt = 0u32;
     loop {
-        tokio::select! {
+        let cause = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = &mut closed => {}
+            cause = &mut closed => cause.ok().flatten(),
+        };
+        if cause.as_deref() == Some(REPLACED) {
+            // Another session to this peer took over; its own loop redials.
+            return;
         }
         loop {
             attempt += 1;

@@ -420,7 +420,6 @@ impl Router {
             Wire::FetchRequest {
                 transfer,
                 owner,
-                index_id,
                 after,
                 max_batches,
                 ..
@@ -435,7 +434,6 @@ impl Router {
                     peer: self.peer,
                     generation: self.generation,
                     transfer,
-                    index_id,
                     after,
                     max_batches,
                 });

@@ -83,7 +83,6 @@ pub(crate) struct FetchReceived {
     pub peer: DeviceId,
     pub generation: u64,
     pub transfer: TransferId,
-    pub index_id: IndexId,
     pub after: Seq,
     pub max_batches: u32,
 }
@@ -274,7 +273,13 @@ impl TransferSupervisor {
                 };
                 st.pumping = false;
                 match res {
-                    Err(e) => warn!(peer = %peer.fmt_short(), cause = %e, "cannot plan a transfer"),
+                    Err(e) => {
+                        warn!(peer = %peer.fmt_short(), cause = %e, "cannot plan a transfer");
+                        // Try again later rather than leave commits unsent.
+                        st.repump = false;
+                        let delay = act.shared.config.backoff_max;
+                        ctx.run_later(delay, move |act, ctx| act.pump(peer, ctx));
+                    }
                     Ok((local, holding, pending)) => {
                         let strategy =
                             choose_strategy(holding, pending, &thresholds);
@@ -438,16 +443,19 @@ impl TransferSupervisor {
                             );
                         }
                     };
-                    let Some(st) = act.peers.get_mut(&peer) else {
+                    let Some(st) = act.session_state(peer, generation) else {
                         return;
                     };
-                    if let Some(out) = st.outgoing.as_mut()
-                        && out.transfer == transfer
-                    {
-                        out.kind = OutKind::Snapshot {
-                            max_seq: manifest.max_seq,
-                            index_id: manifest.index_id,
-                        };
+                    // Only the transfer that asked for this export offers it,
+                    // on the session it was planned for.
+                    match st.outgoing.as_mut() {
+                        Some(out) if out.transfer == transfer => {
+                            out.kind = OutKind::Snapshot {
+                                max_seq: manifest.max_seq,
+                                index_id: manifest.index_id,
+                            };
+                        }
+                        _ => return,
                     }
                     let offer = Wire::SnapshotOffer {
                         id: manifest.id,
@@ -492,6 +500,12 @@ impl TransferSupervisor {
             return;
         }
         let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
+        if st.writer.is_closed() {
+            // The link is gone, not the transfer: SessionClosed records the
+            // resume point and the next session resumes from the watermark.
+            st.outgoing = Some(out);
+            return;
+        }
         let will_retry = out.attempt < max_attempts;
         warn!(
             peer = %peer.fmt_short(),
@@ -518,7 +532,7 @@ impl TransferSupervisor {
                 st.waiting = true;
             }
             ctx.run_later(delay, move |act, ctx| {
-                if let Some(st) = act.peers.get_mut(&peer) {
+                if let Some(st) = act.session_state(peer, generation) {
                     st.waiting = false;
                     act.pump(peer, ctx);
                 }
@@ -589,7 +603,7 @@ impl Handler<SessionOpened> for TransferSupervisor {
             }
             if let Some(s) = old.session {
                 s.do_send(CloseSession {
-                    cause: Some("replaced by a newer session".into()),
+                    cause: Some(crate::engine::REPLACED.into()),
                 });
             }
         }
@@ -705,8 +719,12 @@ impl Handler<AckReceived> for TransferSupervisor {
         if st.generation != msg.generation {
             return;
         }
-        if let Some(out) = &st.outgoing {
-            st.holds_of_me = Some(advance(st.holds_of_me, out.index_id, msg.last));
+        // Acks of batches queued by a sender that has since failed still
+        // count: they carry the peer's committed watermark.
+        match (&st.outgoing, st.holds_of_me) {
+            (Some(out), held) => st.holds_of_me = Some(advance(held, out.index_id, msg.last)),
+            (None, Some(h)) => st.holds_of_me = Some(advance(Some(h), h.index_id, msg.last)),
+            (None, None) => {}
         }
         // Changes are acknowledged with a nil transfer id.
         if let Some(out) = &st.outgoing
@@ -741,47 +759,9 @@ impl Handler<FetchReceived> for TransferSupervisor {
             Some(_) => {
                 debug!(peer = %msg.peer.fmt_short(), "pull while another transfer runs: ignored")
             }
-            None if st.pumping || st.waiting => st.repump = true,
-            None => {
-                // An on-demand pull: serve it from where the peer stands.
-                st.pumping = true;
-                let generation = st.generation;
-                let shared = self.shared.clone();
-                let peer = msg.peer;
-                ctx.spawn(
-                    async move {
-                        let local = shared.store.local_watermark().await?;
-                        let start = if local.index_id == msg.index_id {
-                            msg.after
-                        } else {
-                            Seq::ZERO
-                        };
-                        let pending = shared.store.count_after(shared.me(), start).await?;
-                        Ok::<_, EngineError>((local, start, pending))
-                    }
-                    .into_actor(self)
-                    .map(move |res, act, ctx| {
-                        let Some(st) = act.session_state(peer, generation) else {
-                            return;
-                        };
-                        st.pumping = false;
-                        match res {
-                            Ok((local, start, pending)) if local.seq > start => act
-                                .start_broadcast(
-                                    peer,
-                                    Strategy::Bulk,
-                                    local,
-                                    start,
-                                    pending,
-                                    Some((msg.transfer, msg.max_batches)),
-                                    ctx,
-                                ),
-                            Ok(_) => {}
-                            Err(e) => warn!(cause = %e, "cannot serve a pull"),
-                        }
-                    }),
-                );
-            }
+            // A pull nobody serves is a leftover of a sender that is gone:
+            // plan afresh; a new bulk notice resets the puller's target.
+            None => self.pump(msg.peer, ctx),
         }
     }
 }
