@@ -215,3 +215,36 @@ async fn restarted_receiver_resumes_from_its_watermark() {
         d.engine.shutdown().await.unwrap();
     }
 }
+
+// Regression: two redial loops to one peer replaced each other's sessions
+// forever (each replaced session redialed at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialing_a_peer_twice_settles_on_one_session() {
+    let devices = spawn_devices(2, |_| {}).await;
+    let (a, b) = (&devices[0], &devices[1]);
+    let range = generate(a, 2_000, 3).await;
+    let addr = a.engine.listen("127.0.0.1:0").await.unwrap();
+    let mut events = b.engine.subscribe();
+    b.engine.connect(&addr.to_string()).await.unwrap();
+    b.engine.connect(&addr.to_string()).await.unwrap();
+    wait_for_watermark(b, a.id, range.last, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut connected = 0;
+    while let Ok(e) = events.try_recv() {
+        if matches!(e, SyncEvent::PeerConnected { .. }) {
+            connected += 1;
+        }
+    }
+    assert!(
+        connected <= 2,
+        "{connected} sessions in 2 s: the redial loops churn"
+    );
+    assert_eq!(b.engine.peers().await.unwrap().len(), 1);
+    // Live changes still flow on the surviving session.
+    let more = generate(a, 10, 4).await;
+    wait_for_watermark(b, a.id, more.last, WAIT).await;
+    assert_converged(a, b).await;
+    for d in &devices {
+        d.engine.shutdown().await.unwrap();
+    }
+}
