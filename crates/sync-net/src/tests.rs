@@ -670,46 +670,6 @@ async fn try_send_reports_a_full_queue() {
     assert!(full);
 }
 
-/// Rough bulk throughput over TLS on loopback (run with `--ignored --nocapture`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement, not a check"]
-#[allow(clippy::print_stderr)]
-async fn bulk_throughput() {
-    let (scfg, listener) = server().await;
-    let client = good_client(&scfg);
-    let (c, s) = connect(&listener, &client).await;
-    let chunk = Message::SnapshotChunk {
-        id: sync_core::SnapshotId::new_v7(),
-        index: 0,
-        hash: [0; 32],
-        data: (0..(1u32 << 20)).map(|_| rand::random::<u8>()).collect(),
-    };
-    let n = 512;
-    let (_, mut rd, _w) = s.split();
-    let t = Instant::now();
-    let w = c.writer();
-    let sender = tokio::spawn(async move {
-        for _ in 0..n {
-            w.send(chunk.clone()).await.unwrap();
-        }
-        w.close().await;
-        w.bytes_sent()
-    });
-    let mut got = 0;
-    while rd.recv().await.unwrap().is_some() {
-        got += 1;
-    }
-    let bytes = sender.await.unwrap();
-    assert_eq!(got, n);
-    let secs = t.elapsed().as_secs_f64();
-    tracing::info!(bytes, secs, "bulk");
-    eprintln!(
-        "{} MiB in {secs:.2}s: {:.0} MiB/s",
-        bytes >> 20,
-        (bytes >> 20) as f64 / secs
-    );
-}
-
 #[cfg(feature = "test-utils")]
 mod faults {
     use super::*;
