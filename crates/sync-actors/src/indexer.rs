@@ -120,11 +120,14 @@ impl Handler<IndexPath> for Indexer {
                     None => Vec::new(),
                 };
                 let progress = msg.progress.clone();
+                let stop = shared.shutdown.clone();
                 let plan = tokio::task::spawn_blocking(move || {
+                    // A walk cannot be dropped mid-way: it checks for shutdown.
                     let report = |n: u64| {
                         if let Some(p) = &progress {
                             p(n)
                         }
+                        !stop.is_cancelled()
                     };
                     walk::plan_index(me, &root, location, existing, &report)
                 })

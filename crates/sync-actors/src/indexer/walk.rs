@@ -62,13 +62,15 @@ fn name_of(path: &Path) -> String {
 
 /// Walks `root` and computes the changes against `location` and its stored
 /// `existing` entries (`None`: a new location owned by `owner`).
-/// `progress` is called with the number of paths seen so far.
+/// `progress` is called with the number of paths seen so far; when it
+/// returns `false` the walk stops with `ErrorKind::Interrupted` and nothing
+/// is planned (the engine is shutting down).
 pub fn plan_index(
     owner: DeviceId,
     root: &Path,
     location: Option<Location>,
     existing: Vec<Entry>,
-    progress: &dyn Fn(u64),
+    progress: &dyn Fn(u64) -> bool,
 ) -> std::io::Result<WalkPlan> {
     let started = Instant::now();
     let root = root.canonicalize()?;
@@ -136,8 +138,11 @@ pub fn plan_index(
             }
         };
         visited += 1;
-        if visited.is_multiple_of(4096) {
-            progress(visited);
+        if visited.is_multiple_of(4096) && !progress(visited) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "index run cancelled",
+            ));
         }
         let path = item.path();
         let parent = if item.depth() == 0 {
