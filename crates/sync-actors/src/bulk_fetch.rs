@@ -769,7 +769,16 @@ impl Receiver {
             .store
             .import_snapshot(d.download)
             .instrument(span)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // SQLite refusing the peer's file ("database disk image is
+                // malformed") is the snapshot's fault, not this library's.
+                StorageError::Db(_) => Refusal {
+                    code: ErrorCode::BadSnapshot,
+                    message: format!("snapshot rejected: {e}"),
+                },
+                other => other.into(),
+            })?;
         self.shared.emit(SyncEvent::SnapshotImported {
             owner: self.owner,
             snapshot: offer.id,
