@@ -11,7 +11,8 @@ use sync_core::Strategy;
 use sync_net::fault::{FaultPlan, memory_pair_with_faults};
 
 use crate::harness::{
-    Device, assert_converged, connect, generate, spawn_devices, wait_event, wait_for_watermark,
+    Device, assert_converged, connect, generate, shutdown, spawn_devices, wait_event,
+    wait_for_watermark,
 };
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -92,9 +93,7 @@ async fn batched_transfer_cut_at_random_points_resumes_and_converges() {
             resent <= u64::from(cuts) * 4 * 1_000,
             "seed {seed}: {resent} records re-sent over {cuts} cuts"
         );
-        for d in &devices {
-            d.engine.shutdown().await.unwrap();
-        }
+        shutdown(&devices).await;
     }
 }
 
@@ -122,9 +121,7 @@ async fn snapshot_download_cut_at_random_points_resumes_and_converges() {
             imported, 1,
             "seed {seed}: one snapshot imported after {cuts} cuts"
         );
-        for d in &devices {
-            d.engine.shutdown().await.unwrap();
-        }
+        shutdown(&devices).await;
     }
 }
 
@@ -177,9 +174,7 @@ async fn panic_inside_a_transfer_is_restarted_by_the_supervisor() {
     assert_eq!(restarted, 2, "started, then restarted once");
     wait_for_watermark(b, a.id, range.last, WAIT).await;
     assert_converged(a, b).await;
-    for d in &devices {
-        d.engine.shutdown().await.unwrap();
-    }
+    shutdown(&devices).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,9 +206,7 @@ async fn restarted_receiver_resumes_from_its_watermark() {
     assert!(started.unwrap() <= range.last.0 - held.seq.0);
     wait_for_watermark(&devices[1], devices[0].id, range.last, WAIT).await;
     assert_converged(&devices[0], &devices[1]).await;
-    for d in &devices {
-        d.engine.shutdown().await.unwrap();
-    }
+    shutdown(&devices).await;
 }
 
 // Regression: two redial loops to one peer replaced each other's sessions
@@ -244,7 +237,5 @@ async fn dialing_a_peer_twice_settles_on_one_session() {
     let more = generate(a, 10, 4).await;
     wait_for_watermark(b, a.id, more.last, WAIT).await;
     assert_converged(a, b).await;
-    for d in &devices {
-        d.engine.shutdown().await.unwrap();
-    }
+    shutdown(&devices).await;
 }

@@ -165,3 +165,10 @@ pub async fn wait_event(
         }
     }
 }
+
+/// Shuts every device's engine down gracefully.
+pub async fn shutdown(devices: &[Device]) {
+    for d in devices {
+        d.engine.shutdown().await.expect("shutdown");
+    }
+}

@@ -11,7 +11,7 @@ use sync_core::{
 use sync_net::{ConnReader, ConnWriter, NetError, dial};
 
 use crate::harness::{
-    Device, assert_converged, connect, generate, spawn_devices, wait_for_watermark,
+    Device, assert_converged, connect, generate, shutdown, spawn_devices, wait_for_watermark,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -154,9 +154,7 @@ async fn another_owners_records_are_refused_and_nothing_applied() {
     connect(carol, a).await;
     wait_for_watermark(carol, a.id, range.last, WAIT).await;
     assert_converged(a, carol).await;
-    for d in &devices {
-        d.engine.shutdown().await.unwrap();
-    }
+    shutdown(&devices).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,9 +231,7 @@ async fn gaps_malformed_payloads_and_replays() {
         a.store().summary(mallory.id).await.unwrap().fingerprint,
         after.fingerprint
     );
-    for d in &devices {
-        d.engine.shutdown().await.unwrap();
-    }
+    shutdown(&devices).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use sync_core::{Record, Seq, Strategy};
 use sync_storage::LocalChange;
 
 use crate::harness::{
-    Device, assert_converged, connect, generate, spawn_devices, wait_event, wait_for_watermark,
+    assert_converged, connect, generate, shutdown, spawn_devices, wait_event, wait_for_watermark,
 };
 
 const WAIT: Duration = Duration::from_secs(180);
@@ -23,12 +23,6 @@ fn sent_strategy(events: &[SyncEvent]) -> Option<Strategy> {
         } => Some(*strategy),
         _ => None,
     })
-}
-
-async fn shutdown(devices: &[Device]) {
-    for d in devices {
-        d.engine.shutdown().await.expect("shutdown");
-    }
 }
 
 /// Connects a fresh receiver to an owner holding `entries` and returns the

@@ -318,10 +318,7 @@ impl TransferSupervisor {
         pull: Option<(TransferId, u32)>,
         ctx: &mut Context<Self>,
     ) {
-        let (transfer, attempt) = self
-            .resume
-            .remove(&peer)
-            .unwrap_or_else(|| (TransferId::new_v7(), 1));
+        let (transfer, attempt) = self.next_transfer(peer);
         let Some(st) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -366,16 +363,32 @@ impl TransferSupervisor {
             started: Instant::now(),
             started_at: Utc::now(),
         };
+        self.begin_outgoing(peer, out, start);
+    }
+
+    /// The id and attempt number of the next transfer to `peer`: a failed
+    /// one resumes under its id, else a new one starts.
+    fn next_transfer(&mut self, peer: DeviceId) -> (TransferId, u32) {
+        self.resume
+            .remove(&peer)
+            .unwrap_or_else(|| (TransferId::new_v7(), 1))
+    }
+
+    /// Records `out` as `peer`'s running transfer: checkpoint row, state, event.
+    fn begin_outgoing(&mut self, peer: DeviceId, out: Outgoing, start: Seq) {
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
         Self::save_checkpoint(&self.shared, peer, &out, start, TransferState::Running);
-        st.outgoing = Some(out);
         self.shared.emit(SyncEvent::TransferStarted {
-            transfer,
+            transfer: out.transfer,
             peer,
             owner: self.shared.me(),
             direction: Direction::Send,
-            strategy,
-            total,
+            strategy: out.strategy,
+            total: out.total,
         });
+        st.outgoing = Some(out);
     }
 
     fn start_snapshot(
@@ -385,10 +398,7 @@ impl TransferSupervisor {
         total: u64,
         ctx: &mut Context<Self>,
     ) {
-        let (transfer, attempt) = self
-            .resume
-            .remove(&peer)
-            .unwrap_or_else(|| (TransferId::new_v7(), 1));
+        let (transfer, attempt) = self.next_transfer(peer);
         let Some(st) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -406,17 +416,8 @@ impl TransferSupervisor {
             started: Instant::now(),
             started_at: Utc::now(),
         };
-        Self::save_checkpoint(&self.shared, peer, &out, Seq::ZERO, TransferState::Running);
-        st.outgoing = Some(out);
         info!(peer = %peer.fmt_short(), transfer = %transfer.fmt_short(), total, "snapshot transfer started");
-        self.shared.emit(SyncEvent::TransferStarted {
-            transfer,
-            peer,
-            owner: self.shared.me(),
-            direction: Direction::Send,
-            strategy: Strategy::Snapshot,
-            total,
-        });
+        self.begin_outgoing(peer, out, Seq::ZERO);
         ctx.spawn(
             self.exporter
                 .send(Export)

@@ -93,27 +93,7 @@ async fn check_local_locations(
             _ => {}
         }
     }
-    let ids: Vec<LocationId> = wanted.into_iter().collect();
-    let stored: HashMap<LocationId, DeviceId> =
-        location_owners(conn, &ids).await?.into_iter().collect();
-    for id in ids {
-        match stored.get(&id) {
-            Some(o) if *o != owner => {
-                return Err(StorageError::ForeignOwner {
-                    owner,
-                    detail: format!("location {} belongs to {}", id.fmt_short(), o.fmt_short()),
-                });
-            }
-            None if !own.contains(&id) => {
-                return Err(StorageError::ForeignOwner {
-                    owner,
-                    detail: format!("entry in unknown location {}", id.fmt_short()),
-                });
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    check_location_owners(conn, owner, &own, wanted).await
 }
 
 /// One transaction of `commit_local`: returns the last seq stamped.
@@ -368,6 +348,19 @@ async fn check_batch_locations(
     let in_batch: HashSet<LocationId> = locs.iter().map(|l| l.id).collect();
     let mut wanted: HashSet<LocationId> = in_batch.clone();
     wanted.extend(ents.iter().map(|e| e.location));
+    check_location_owners(conn, owner, &in_batch, wanted).await
+}
+
+/// Checks the stored owners of `wanted` locations: none may belong to
+/// another owner, and one not stored at all must be among `declared` (the
+/// locations written by the same change). Shared by local commits and
+/// received batches.
+async fn check_location_owners(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    declared: &HashSet<LocationId>,
+    wanted: HashSet<LocationId>,
+) -> Result<()> {
     let ids: Vec<LocationId> = wanted.into_iter().collect();
     let stored: HashMap<LocationId, DeviceId> =
         location_owners(conn, &ids).await?.into_iter().collect();
@@ -379,7 +372,7 @@ async fn check_batch_locations(
                     detail: format!("location {} belongs to {}", id.fmt_short(), o.fmt_short()),
                 });
             }
-            None if !in_batch.contains(&id) => {
+            None if !declared.contains(&id) => {
                 return Err(StorageError::ForeignOwner {
                     owner,
                     detail: format!(
