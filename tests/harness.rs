@@ -172,3 +172,44 @@ pub async fn shutdown(devices: &[Device]) {
         d.engine.shutdown().await.expect("shutdown");
     }
 }
+
+/// Like [`spawn_devices`], but device `i` keeps its data in `dirs[i]` (for
+/// example a directory on a small filesystem the test mounted). The caller
+/// owns the directories and keeps them alive until the devices shut down.
+pub async fn spawn_devices_at(
+    dirs: &[PathBuf],
+    configure: impl Fn(&mut EngineConfig),
+) -> Vec<Device> {
+    init_tracing();
+    // `Device` holds a temporary directory; these devices live elsewhere.
+    let tmp = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let library = LibraryId::new_v7();
+    let mut made = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let (info, fp) = init_device(dir, &format!("device-{i}"), Some(library))
+            .await
+            .expect("init device");
+        made.push((dir.clone(), info, fp));
+    }
+    for (dir, info, _) in &made {
+        let trust = TrustStore::load(&EngineConfig::new(dir).trust_path()).expect("trust store");
+        for (_, other, fp) in &made {
+            if other.device_id != info.device_id {
+                trust.trust(*fp, Some(other.device_id)).expect("trust");
+            }
+        }
+    }
+    let mut devices = Vec::new();
+    for (dir, info, _) in made {
+        let mut config = EngineConfig::new(&dir);
+        configure(&mut config);
+        let engine = SyncEngine::start(config).await.expect("start engine");
+        devices.push(Device {
+            dir,
+            engine,
+            id: info.device_id,
+            _tmp: tmp.clone(),
+        });
+    }
+    devices
+}

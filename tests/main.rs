@@ -1,6 +1,9 @@
 //! Workspace integration tests: one test binary, modules share the `harness`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod chaos;
+mod crash;
+mod disk_full;
 mod faults;
 mod harness;
 mod hostile;

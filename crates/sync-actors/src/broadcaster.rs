@@ -328,6 +328,7 @@ async fn run(
                     .map_err(|e| format!("link lost: {e}"))?;
                 in_flight.push_back(last);
                 batches_sent += 1;
+                sync_core::crash_point("send.batch");
                 if let Some(n) = shared.config.faults.panic_sender_after_batches
                     && batches_sent >= n
                     && !shared.panic_injected.swap(true, Ordering::SeqCst)

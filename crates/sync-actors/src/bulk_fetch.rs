@@ -246,7 +246,9 @@ impl From<StorageError> for Refusal {
                 ErrorCode::ForeignOwner
             }
             StorageError::BadRange { .. } => ErrorCode::Malformed,
-            StorageError::Db(_) | StorageError::Io(_) => ErrorCode::Storage,
+            StorageError::Db(_) | StorageError::Io(_) | StorageError::DiskFull { .. } => {
+                ErrorCode::Storage
+            }
             _ => ErrorCode::BadSnapshot,
         };
         Refusal {
@@ -480,6 +482,7 @@ impl Receiver {
             .apply_batch(self.owner, index_id, after, last, records)
             .instrument(span)
             .await?;
+        sync_core::crash_point("apply.batch");
         self.applied(count, wm);
         self.ack(transfer, wm.seq).await?;
         // Batches carry the sender's transfer id; while a pull is open, the

@@ -124,6 +124,7 @@ impl Handler<IndexPath> for Indexer {
                 let plan = tokio::task::spawn_blocking(move || {
                     // A walk cannot be dropped mid-way: it checks for shutdown.
                     let report = |n: u64| {
+                        sync_core::crash_point("index.walk");
                         if let Some(p) = &progress {
                             p(n)
                         }

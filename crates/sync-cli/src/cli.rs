@@ -81,6 +81,12 @@ pub enum Command {
         /// Address to listen on, e.g. 127.0.0.1:7000.
         #[arg(long)]
         listen: String,
+        /// Index this folder while serving (repeatable). It is re-indexed on
+        /// every start; its changes reach peers as they are committed.
+        #[arg(long = "index", value_name = "PATH")]
+        index: Vec<PathBuf>,
+        #[command(flatten)]
+        tuning: Tuning,
     },
     /// Connect to a peer and sync.
     Connect {
@@ -108,6 +114,35 @@ pub enum Command {
 }
 
 /// `lsync demo` arguments.
+/// Engine tuning for tests and experiments (hidden from help).
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct Tuning {
+    /// Records per state batch.
+    #[arg(long, hide = true)]
+    pub batch_size: Option<usize>,
+    /// Pending records from which a peer gets a bulk notice and pulls.
+    #[arg(long, hide = true)]
+    pub bulk_from: Option<u64>,
+    /// Pending records from which a peer holding nothing gets a snapshot.
+    #[arg(long, hide = true)]
+    pub snapshot_from: Option<u64>,
+}
+
+impl Tuning {
+    /// Applies the options given to an engine configuration.
+    pub fn apply(self, config: &mut sync_actors::EngineConfig) {
+        if let Some(n) = self.batch_size {
+            config.batch_size = n;
+        }
+        if let Some(n) = self.bulk_from {
+            config.thresholds.bulk_from = n;
+        }
+        if let Some(n) = self.snapshot_from {
+            config.thresholds.snapshot_from = n;
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Entries to generate on device A.

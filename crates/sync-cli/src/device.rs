@@ -10,6 +10,7 @@ use sync_core::{DeviceId, LibraryId};
 use sync_net::{CertFingerprint, Identity, TrustStore};
 use sync_storage::{DeviceInfo, Store};
 
+use crate::cli::Tuning;
 use crate::progress;
 
 /// Opens an initialized device's store, or says how to create one.
@@ -37,8 +38,15 @@ pub async fn open_store(data: &Path) -> anyhow::Result<(Store, DeviceInfo)> {
 
 /// Starts an engine on an initialized data directory.
 pub async fn start_engine(data: &Path) -> anyhow::Result<SyncEngine> {
+    start_tuned(data, Tuning::default()).await
+}
+
+/// [`start_engine`] with tuning options applied.
+pub async fn start_tuned(data: &Path, tuning: Tuning) -> anyhow::Result<SyncEngine> {
     open_store(data).await?;
-    Ok(SyncEngine::start(EngineConfig::new(data)).await?)
+    let mut config = EngineConfig::new(data);
+    tuning.apply(&mut config);
+    Ok(SyncEngine::start(config).await?)
 }
 
 /// `lsync init`.

@@ -71,7 +71,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             json,
         } => generate::run(&data?, entries, seed, json).await,
-        Command::Serve { listen } => sync::serve(&data?, &listen).await,
+        Command::Serve {
+            listen,
+            index,
+            tuning,
+        } => sync::serve(&data?, &listen, &index, tuning).await,
         Command::Connect {
             addr,
             until_synced,

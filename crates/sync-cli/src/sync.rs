@@ -1,7 +1,7 @@
 //! `lsync serve` and `lsync connect`.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -11,7 +11,8 @@ use sync_actors::{Direction, SyncEngine, SyncEvent};
 use sync_core::TransferId;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::device::start_engine;
+use crate::cli::Tuning;
+use crate::device::{start_engine, start_tuned};
 use crate::progress;
 
 /// Waits for SIGINT or SIGTERM.
@@ -25,13 +26,38 @@ pub async fn until_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lsync serve`.
-pub async fn serve(data: &Path, listen: &str) -> anyhow::Result<()> {
-    let engine = start_engine(data).await?;
+/// `lsync serve`: listens, indexes the folders given (one after another,
+/// while serving), and syncs until SIGINT or SIGTERM.
+pub async fn serve(
+    data: &Path,
+    listen: &str,
+    folders: &[PathBuf],
+    tuning: Tuning,
+) -> anyhow::Result<()> {
+    let engine = start_tuned(data, tuning).await?;
     let addr = engine.listen(listen).await?;
     eprintln!("listening on {addr} as {}", engine.device().device_id);
     let watcher = ProgressWatch::start(&engine, true);
+    let indexer = engine.clone();
+    let folders = folders.to_vec();
+    let indexing = tokio::spawn(async move {
+        for folder in folders {
+            match indexer.index(&folder, None).await {
+                Ok(r) => tracing::info!(
+                    folder = %folder.display(),
+                    entries = r.entries,
+                    created = r.created,
+                    updated = r.updated,
+                    deleted = r.deleted,
+                    skipped = r.skipped,
+                    "indexed"
+                ),
+                Err(e) => tracing::error!(folder = %folder.display(), "cannot index: {e}"),
+            }
+        }
+    });
     until_signal().await?;
+    indexing.abort();
     watcher.finish().await;
     engine.shutdown().await?;
     Ok(())

@@ -13,6 +13,7 @@
 #![warn(clippy::print_stdout)]
 
 pub mod codec;
+pub mod crash;
 mod error;
 mod fingerprint;
 mod id;
@@ -23,6 +24,7 @@ mod strategy;
 pub mod synthetic;
 
 pub use codec::{FrameCodec, Limits};
+pub use crash::crash_point;
 pub use error::{DecodeError, EncodeError};
 pub use fingerprint::Fingerprint;
 pub use id::{

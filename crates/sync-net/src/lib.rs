@@ -14,6 +14,7 @@
 //! `test-utils` feature the [`fault`] module injects failures.
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
+mod admission;
 mod conn;
 mod error;
 #[cfg(feature = "test-utils")]
@@ -36,6 +37,7 @@ pub use conn::{ConnReader, ConnWriter, Connection, PeerInfo};
 pub use error::NetError;
 pub use fingerprint::{CertFingerprint, ParseFingerprintError};
 pub use identity::{CERT_FILE, DEVICE_ID_FILE, Identity, KEY_FILE};
+pub use admission::ListenerStats;
 pub use net::{Listener, dial, memory_pair};
 pub use trust::TrustStore;
 
@@ -61,10 +63,22 @@ pub struct NetConfig {
     pub keepalive_interval: Duration,
     /// Frames queued per connection before `send` waits (default 64).
     pub outbound_queue: usize,
-    /// Connections a listener serves at once, handshakes included (default 64).
+    /// Connections a listener serves at once, running handshakes included
+    /// (default 64); when all are authenticated, newcomers get `Error { Busy }`.
+    /// Also the most sockets that may wait for a handshake.
     pub max_connections: usize,
-    /// Handshakes a listener runs at once (default 16).
+    /// TLS handshakes (peers not yet authenticated) a listener runs at once
+    /// (default 16); more sockets wait, up to `max_connections` of them.
     pub max_handshaking: usize,
+    /// TLS handshakes a listener runs at once for one source IP address
+    /// (default 4), so that one host cannot take every handshake slot.
+    pub max_handshaking_per_ip: usize,
+    /// How long a running TLS handshake keeps its slot against a waiting
+    /// socket (default 500 ms; a LAN handshake takes milliseconds). After
+    /// it, when the slots are full, the oldest handshake of the source
+    /// running the most is closed to start the waiting socket: stalled
+    /// handshakes cannot hold the slots a trusted peer needs.
+    pub handshake_grace: Duration,
 }
 
 impl NetConfig {
@@ -87,6 +101,8 @@ impl NetConfig {
             outbound_queue: 64,
             max_connections: 64,
             max_handshaking: 16,
+            max_handshaking_per_ip: 4,
+            handshake_grace: Duration::from_millis(500),
         }
     }
 }

@@ -1,17 +1,20 @@
-//! `Listener`, `dial` and `memory_pair`: how connections are made.
+//! `Listener`, `dial` and `memory_pair`: how connections are made. Which
+//! accepted sockets may handshake is decided in `admission.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
 
 use crate::NetConfig;
+use crate::admission::{Admission, ListenerStats, Outcome, Start};
 use crate::conn::{BoxStream, Connection, Establish, establish, refuse_busy};
 use crate::error::{NetError, map_io_error};
 use crate::fingerprint::CertFingerprint;
@@ -22,12 +25,14 @@ use crate::tls;
 pub struct Listener {
     local: SocketAddr,
     rx: Mutex<mpsc::Receiver<Connection>>,
+    admission: Arc<Admission>,
     task: JoinHandle<()>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
+        self.admission.close();
     }
 }
 
@@ -39,13 +44,17 @@ impl Listener {
         let tcp = TcpListener::bind(addr).await?;
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(config.max_connections.max(1));
+        let admission = Arc::new(Admission::new(&config));
         let span = tracing::info_span!("listener", local = %local);
-        let task =
-            tokio::spawn(accept_loop(tcp, config, TlsAcceptor::from(tls), tx).instrument(span));
+        let task = tokio::spawn(
+            accept_loop(tcp, config, TlsAcceptor::from(tls), tx, admission.clone())
+                .instrument(span),
+        );
         tracing::info!(local = %local, "listening");
         Ok(Listener {
             local,
             rx: Mutex::new(rx),
+            admission,
             task,
         })
     }
@@ -57,13 +66,22 @@ impl Listener {
 
     /// The next connection that passed TLS and `Hello`. Failed handshakes
     /// (garbage, unknown certificate, wrong device/version/library, stall)
-    /// are logged with the peer address and skipped. Handshakes run
-    /// concurrently, at most `max_handshaking` at once; beyond
-    /// `max_connections` live connections, newcomers are refused
-    /// (`Error { Busy }` when a handshake slot is free, else the socket is closed).
-    /// Cancel-safe.
+    /// are logged with the peer address and skipped.
+    ///
+    /// Accepting never waits on a handshake: at most `max_handshaking` run
+    /// at once (`max_handshaking_per_ip` per source address), other sockets
+    /// wait (at most `max_connections`), sources with the fewest running
+    /// handshakes first; a handshake running longer than `handshake_grace`
+    /// loses its place to a waiting socket. Beyond `max_connections`
+    /// authenticated connections, newcomers get `Error { Busy }`. See
+    /// [`Listener::stats`]. Cancel-safe.
     pub async fn accept(&self) -> Result<Connection, NetError> {
         self.rx.lock().await.recv().await.ok_or(NetError::Closed)
+    }
+
+    /// A snapshot of what the listener did with the sockets it accepted.
+    pub fn stats(&self) -> ListenerStats {
+        self.admission.stats()
     }
 }
 
@@ -72,83 +90,104 @@ async fn accept_loop(
     config: NetConfig,
     acceptor: TlsAcceptor,
     tx: mpsc::Sender<Connection>,
+    admission: Arc<Admission>,
 ) {
-    let connections = Arc::new(Semaphore::new(config.max_connections));
-    let handshakes = Arc::new(Semaphore::new(config.max_handshaking.max(1)));
     let config = Arc::new(config);
     loop {
-        let (sock, addr) = match tcp.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        while let Some(start) = admission.next_start() {
+            let id = start.id;
+            let span = tracing::info_span!("handshake", peer = %start.peer);
+            let (acceptor, config, adm) = (acceptor.clone(), config.clone(), admission.clone());
+            let task = if start.busy {
+                tokio::spawn(refuse(start, adm, acceptor, config).instrument(span))
+            } else {
+                let tx = tx.clone();
+                tokio::spawn(handshake(start, adm, acceptor, config, tx).instrument(span))
+            };
+            admission.spawned(id, task.abort_handle());
+        }
+        // Far enough to never fire; `if` disables the branch anyway.
+        let wake = admission.next_wake();
+        let at = wake.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok((sock, addr)) => admission.arrive(sock, addr),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = admission.changed() => {}
+            () = tokio::time::sleep_until(at), if wake.is_some() => {}
+        }
         if tx.is_closed() {
             return;
         }
-        let span = tracing::info_span!("handshake", peer = %addr);
-        let Ok(conn_permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %addr, max = config.max_connections, "too many connections, refusing");
-            if let Ok(hs) = handshakes.clone().try_acquire_owned() {
-                let (acceptor, config) = (acceptor.clone(), config.clone());
-                tokio::spawn(
-                    async move {
-                        let _hs = hs;
-                        let refuse = async {
-                            let stream = acceptor.accept(sock).await.map_err(map_io_error)?;
-                            refuse_busy(Box::new(stream), &config).await;
-                            Ok::<(), NetError>(())
-                        };
-                        let _ = tokio::time::timeout(config.handshake_timeout, refuse).await;
-                    }
-                    .instrument(span),
-                );
-            }
-            continue;
-        };
-        let Ok(hs_permit) = handshakes.clone().acquire_owned().await else {
-            return;
-        };
-        let (acceptor, config, tx) = (acceptor.clone(), config.clone(), tx.clone());
-        tokio::spawn(
-            async move {
-                let permit = Some(Arc::new(conn_permit));
-                let result = tokio::time::timeout(
-                    config.handshake_timeout,
-                    server_handshake(sock, addr, &acceptor, &config, permit),
-                )
-                .await;
-                drop(hs_permit);
-                match result {
-                    Ok(Ok(conn)) => {
-                        tracing::info!(peer = %addr, device = %conn.peer.device, name = %conn.peer.name, "accepted");
-                        let _ = tx.send(conn).await;
-                    }
-                    Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "handshake failed"),
-                    Err(_) => tracing::warn!(peer = %addr, error = %NetError::HandshakeTimeout, "handshake failed"),
-                }
-            }
-            .instrument(span),
-        );
     }
 }
 
-async fn server_handshake(
-    sock: TcpStream,
-    addr: SocketAddr,
-    acceptor: &TlsAcceptor,
-    config: &NetConfig,
-    permit: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
-) -> Result<Connection, NetError> {
-    sock.set_nodelay(true)?;
-    let stream = acceptor.accept(sock).await.map_err(map_io_error)?;
-    let fp = tls::peer_fingerprint(stream.get_ref().1.peer_certificates())?;
-    let mut e = Establish::new(config, addr.to_string(), fp);
-    e.permit = permit;
-    establish(Box::new(stream), e).await
+/// Runs one server-side handshake: TLS (in the admission table, evictable),
+/// then `Hello` (out of it: the peer holds a pinned certificate), all
+/// within `handshake_timeout` of the socket's arrival.
+async fn handshake(
+    start: Start,
+    admission: Arc<Admission>,
+    acceptor: TlsAcceptor,
+    config: Arc<NetConfig>,
+    tx: mpsc::Sender<Connection>,
+) {
+    let Start {
+        id,
+        sock,
+        peer,
+        deadline,
+        ..
+    } = start;
+    let tls = tokio::time::timeout_at(deadline, async {
+        sock.set_nodelay(true)?;
+        acceptor.accept(sock).await.map_err(map_io_error)
+    })
+    .await;
+    let stream = match tls {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return admission.finish(id, peer, Some(Outcome::Failed(e))),
+        Err(_) => return admission.finish(id, peer, Some(Outcome::TimedOut)),
+    };
+    let Some(slot) = admission.leave_table(id) else {
+        return; // evicted as TLS completed
+    };
+    let hello = async {
+        let fp = tls::peer_fingerprint(stream.get_ref().1.peer_certificates())?;
+        let mut e = Establish::new(&config, peer.to_string(), fp);
+        e.permit = Some(Arc::new(slot));
+        establish(Box::new(stream), e).await
+    };
+    match tokio::time::timeout_at(deadline, hello).await {
+        Ok(Ok(conn)) => {
+            admission.authenticated();
+            tracing::info!(peer = %peer, device = %conn.peer.device, name = %conn.peer.name, "accepted");
+            let _ = tx.send(conn).await;
+        }
+        Ok(Err(e)) => admission.report(peer, Outcome::Failed(e)),
+        Err(_) => admission.report(peer, Outcome::TimedOut),
+    }
+}
+
+/// Refuses a socket with `Error { Busy }` (after TLS, so the peer can read it).
+async fn refuse(
+    start: Start,
+    admission: Arc<Admission>,
+    acceptor: TlsAcceptor,
+    config: Arc<NetConfig>,
+) {
+    let refusal = async {
+        let stream = acceptor.accept(start.sock).await.map_err(map_io_error)?;
+        refuse_busy(Box::new(stream), &config).await;
+        Ok::<(), NetError>(())
+    };
+    let _ = tokio::time::timeout_at(start.deadline, refusal).await;
+    admission.finish(start.id, start.peer, None);
 }
 
 /// Wraps the TCP stream before TLS (fault injection); returns the stream and

@@ -1,5 +1,6 @@
 //! Tests over real TLS on loopback, the in-memory transport and the fault wrapper.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -668,6 +669,408 @@ async fn try_send_reports_a_full_queue() {
         }
     }
     assert!(full);
+}
+
+// ---- Admission: floods of unauthenticated sockets ----
+
+/// A TCP connection to `to` from the loopback address `from`: on Linux all
+/// of 127.0.0.0/8 is loopback, so the listener sees another host.
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((from, 0)))?;
+    sock.connect(to).await
+}
+
+/// A TLS connection to `to` from `from` with `cfg`'s identity, skipping our `Hello` logic.
+async fn tls_from(
+    from: [u8; 4],
+    to: SocketAddr,
+    cfg: &NetConfig,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tls = crate::tls::client_config(cfg).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME).unwrap();
+    let sock = connect_from(from, to).await?;
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, sock)
+        .await
+}
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// The bytes of a real TLS 1.3 ClientHello from `cfg`.
+fn client_hello(cfg: &NetConfig) -> Vec<u8> {
+    let tls = crate::tls::client_config(cfg).unwrap();
+    let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME).unwrap();
+    let mut conn = rustls::ClientConnection::new(tls, name).unwrap();
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+/// Whether the listener closes `sock` within `within` (EOF or reset).
+async fn closed_within(sock: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Polls `cond` every 5 ms for up to 10 s.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How a hostile socket stalls its handshake.
+#[derive(Clone, Copy, Debug)]
+enum Stall {
+    /// TCP only, not one byte.
+    Silent,
+    /// Half a ClientHello, then nothing.
+    HalfHello,
+    /// A whole ClientHello, then nothing (the listener waits for a certificate).
+    HelloThenSilence,
+    /// A ClientHello, one byte every 50 ms (slowloris).
+    Drip,
+    /// Not TLS: refused at once, and reopened at once.
+    Garbage,
+}
+
+const STALLS: [Stall; 5] = [
+    Stall::Silent,
+    Stall::HalfHello,
+    Stall::HelloThenSilence,
+    Stall::Drip,
+    Stall::Garbage,
+];
+
+/// Opens one stalled connection from `from` and holds it until the listener closes it.
+async fn stall(from: [u8; 4], to: SocketAddr, how: Stall, hello: Arc<Vec<u8>>) {
+    let Ok(mut sock) = connect_from(from, to).await else {
+        return;
+    };
+    let wrote = match how {
+        Stall::Silent => Ok(()),
+        Stall::HalfHello => sock.write_all(&hello[..hello.len() / 2]).await,
+        Stall::HelloThenSilence => sock.write_all(&hello).await,
+        Stall::Garbage => sock.write_all(b"GET / HTTP/1.1\r\n\r\n").await,
+        Stall::Drip => {
+            for byte in hello.iter() {
+                if sock.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(())
+        }
+    };
+    if wrote.is_ok() {
+        let mut buf = [0u8; 4096];
+        while let Ok(1..) = sock.read(&mut buf).await {}
+    }
+}
+
+/// Keeps `held` stalled connections open from `sources` (every kind of
+/// [`Stall`] in turn), opening a new one as soon as the listener closes one,
+/// until `stop`. Returns how many it opened.
+async fn flood(
+    to: SocketAddr,
+    sources: Vec<[u8; 4]>,
+    held: usize,
+    hello: Arc<Vec<u8>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let slots = Arc::new(tokio::sync::Semaphore::new(held));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut opened = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Ok(Ok(slot)) =
+            tokio::time::timeout(Duration::from_millis(20), slots.clone().acquire_owned()).await
+        else {
+            continue;
+        };
+        let n = opened as usize;
+        let from = sources[n % sources.len()];
+        let how = STALLS[(n / sources.len()) % STALLS.len()];
+        let hello = hello.clone();
+        tasks.spawn(async move {
+            stall(from, to, how, hello).await;
+            drop(slot);
+        });
+        opened += 1;
+        while tasks.try_join_next().is_some() {}
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    opened // dropping `tasks` aborts them: every attacker socket closes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::print_stderr)] // the figures RELIABILITY.md reports
+async fn handshake_flood_cannot_starve_a_trusted_peer() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // Default limits and timeouts: a starved dial would wait out `handshake_timeout`.
+    let mut scfg = config(LibraryId::new_v7(), "server");
+    let defaults = NetConfig::new(
+        scfg.identity.clone(),
+        scfg.trust.clone(),
+        scfg.library,
+        String::new(),
+    );
+    scfg.handshake_timeout = defaults.handshake_timeout;
+    let mut client = good_client(&scfg);
+    client.handshake_timeout = defaults.handshake_timeout;
+    let listener = Arc::new(Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap());
+    let to = listener.local_addr();
+    let addr = to.to_string();
+    let baseline = open_fds();
+
+    // 200 stalled sockets from 4 hosts, each reopened as soon as it is closed.
+    const HELD: usize = 200;
+    let sources = vec![[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4], [127, 0, 0, 5]];
+    let stop = Arc::new(AtomicBool::new(false));
+    let hello = Arc::new(client_hello(&client));
+    let attackers = tokio::spawn(flood(to, sources, HELD, hello, stop.clone()));
+    eventually("the flood fills the listener", || {
+        let s = listener.stats();
+        s.handshaking == scfg.max_handshaking && s.waiting == scfg.max_connections
+    })
+    .await;
+
+    let sampling = Arc::new(AtomicBool::new(true));
+    let max_fds = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (listener, sampling, max_fds) = (listener.clone(), sampling.clone(), max_fds.clone());
+        tokio::spawn(async move {
+            let (mut handshaking, mut waiting) = (0, 0);
+            while sampling.load(Ordering::Relaxed) {
+                let s = listener.stats();
+                handshaking = s.handshaking.max(handshaking);
+                waiting = s.waiting.max(waiting);
+                max_fds.fetch_max(open_fds(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (handshaking, waiting)
+        })
+    };
+
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let t = Instant::now();
+        let (c, s) = tokio::join!(dial(&addr, &client), async {
+            tokio::time::timeout(Duration::from_secs(15), listener.accept()).await
+        });
+        let took = t.elapsed();
+        let mut c = c.unwrap_or_else(|e| panic!("dial {i} failed after {took:?}: {e:?}"));
+        let mut s = s.expect("accept timed out").unwrap();
+        exchange(&mut c, &mut s).await;
+        assert!(took < Duration::from_secs(2), "dial {i} took {took:?}");
+        latencies.push(took);
+    }
+    let during = listener.stats();
+    sampling.store(false, Ordering::Relaxed);
+    let (max_handshaking, max_waiting) = sampler.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let opened = attackers.await.unwrap();
+
+    // Bounded while it lasted.
+    assert!(max_handshaking <= scfg.max_handshaking, "{max_handshaking}");
+    assert!(max_waiting <= scfg.max_connections, "{max_waiting}");
+    assert!(during.peak_handshaking_per_ip <= scfg.max_handshaking_per_ip);
+    let cap = 2 * scfg.max_connections + scfg.max_handshaking;
+    assert!(during.peak_open <= cap, "{} > {cap}", during.peak_open);
+    let max_fds = max_fds.load(Ordering::Relaxed);
+    // Attacker and trusted client sockets live in this process too.
+    assert!(
+        max_fds <= baseline + HELD + cap + 16,
+        "{max_fds} fds (baseline {baseline})"
+    );
+    assert!(during.evicted > 0 && during.shed > 0, "{during:?}");
+    assert_eq!(during.authenticated, 20);
+
+    // Back to baseline once the attackers leave.
+    eventually("the listener drains", || {
+        let s = listener.stats();
+        s.waiting == 0 && s.handshaking == 0 && s.connections == 0
+    })
+    .await;
+    eventually("fds return to baseline", || open_fds() <= baseline + 4).await;
+    let after = listener.stats();
+    assert_eq!(
+        after.accepted,
+        after.authenticated
+            + after.failed
+            + after.timed_out
+            + after.evicted
+            + after.shed
+            + after.refused_busy,
+        "every socket is accounted for: {after:?}"
+    );
+    assert_eq!(after.refused_busy, 0);
+    still_serving(&scfg, &listener).await;
+
+    latencies.sort();
+    eprintln!(
+        "flood: {opened} attacker sockets opened; listener {after:?}; \
+         peak handshaking {max_handshaking}, waiting {max_waiting}; fds baseline {baseline}, max {max_fds}; \
+         trusted dials: median {:?}, max {:?}",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_per_ip_are_capped() {
+    let mut scfg = config(LibraryId::new_v7(), "server");
+    scfg.max_connections = 8; // also the most sockets that may wait
+    scfg.max_handshaking_per_ip = 4;
+    scfg.handshake_timeout = Duration::from_secs(10);
+    scfg.handshake_grace = Duration::from_secs(10); // no eviction here: only the caps
+    let listener = Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap();
+    let to = listener.local_addr();
+
+    // One host: 4 run, 8 wait, and each of 6 more closes the oldest waiting one.
+    let mut socks = Vec::new();
+    for n in 1..=18u64 {
+        socks.push(connect_from([127, 0, 0, 2], to).await.unwrap());
+        eventually("accepted", || listener.stats().accepted == n).await;
+    }
+    let s = listener.stats();
+    assert_eq!((s.handshaking, s.waiting, s.shed), (4, 8, 6), "{s:?}");
+    assert_eq!(s.peak_handshaking_per_ip, 4);
+    for (i, sock) in socks.iter_mut().enumerate() {
+        let shed = (4..10).contains(&i);
+        let wait = if shed { 500 } else { 100 };
+        let closed = closed_within(sock, Duration::from_millis(wait)).await;
+        assert_eq!(closed, shed, "socket {i}");
+    }
+
+    // Another host runs its handshakes at once, and so does a trusted peer.
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        others.push(connect_from([127, 0, 0, 3], to).await.unwrap());
+    }
+    eventually("the second host runs", || listener.stats().handshaking == 8).await;
+    let t = Instant::now();
+    still_serving(&scfg, &listener).await;
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let s = listener.stats();
+    assert_eq!((s.evicted, s.shed, s.authenticated), (0, 6, 1), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_handshakes_queues_and_stale_ones_make_way() {
+    let mut scfg = config(LibraryId::new_v7(), "server");
+    scfg.max_handshaking = 2;
+    scfg.handshake_grace = Duration::from_millis(300);
+    let listener = Arc::new(Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap());
+    let addr = listener.local_addr().to_string();
+
+    // 12 trusted dials at once through 2 handshake slots: all queue, none is evicted.
+    let clients: Vec<NetConfig> = (0..12).map(|_| good_client(&scfg)).collect();
+    let server = {
+        let listener = listener.clone();
+        tokio::spawn(async move {
+            let mut conns = Vec::new();
+            for _ in 0..12 {
+                conns.push(listener.accept().await.unwrap());
+            }
+            conns
+        })
+    };
+    let dials = clients.iter().map(|c| dial(&addr, c));
+    for conn in futures::future::join_all(dials).await {
+        conn.unwrap();
+    }
+    drop(server.await.unwrap());
+    let s = listener.stats();
+    assert_eq!((s.authenticated, s.evicted), (12, 0), "{s:?}");
+
+    // Two silent sockets hold both slots; a trusted dial waits until they are stale, then one makes way.
+    let to = listener.local_addr();
+    let mut a = connect_from([127, 0, 0, 2], to).await.unwrap();
+    let mut b = connect_from([127, 0, 0, 3], to).await.unwrap();
+    eventually("stallers run", || listener.stats().handshaking == 2).await;
+    let t = Instant::now();
+    still_serving(&scfg, &listener).await;
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(listener.stats().evicted, 1);
+    let a_closed = closed_within(&mut a, Duration::from_millis(100)).await;
+    let b_closed = closed_within(&mut b, Duration::from_millis(100)).await;
+    assert!(a_closed != b_closed, "exactly one staller was evicted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_certificate_flood_is_refused_and_does_not_block_a_trusted_peer() {
+    let (scfg, listener) = server().await;
+    let listener = Arc::new(listener);
+    let to = listener.local_addr();
+    let addr = to.to_string();
+    // Strangers trust the server; the server has pinned none of them.
+    let strangers: Vec<NetConfig> = (0..4)
+        .map(|i| {
+            let c = config(scfg.library, &format!("stranger{i}"));
+            pin(&c, &scfg);
+            c
+        })
+        .collect();
+    const EACH: usize = 25;
+    let mut flood = tokio::task::JoinSet::new();
+    for (i, stranger) in strangers.into_iter().enumerate() {
+        let addr = addr.clone();
+        flood.spawn(async move {
+            for _ in 0..EACH {
+                if i < 2 {
+                    // With `dial`, from the trusted peer's own address.
+                    let err = dial(&addr, &stranger).await.unwrap_err();
+                    assert!(matches!(err, NetError::NotTrustedByPeer), "{err:?}");
+                } else {
+                    // Raw TLS from other hosts: TLS completes on our side, then the alert.
+                    let from = [127, 0, 0, 2 + i as u8];
+                    let mut tls = tls_from(from, to, &stranger).await.unwrap();
+                    let _ = tls.write_all(&frame(&hello(&stranger))).await;
+                    let mut sink = Vec::new();
+                    let err = tls.read_to_end(&mut sink).await.unwrap_err();
+                    let err = crate::error::map_io_error(err);
+                    assert!(matches!(err, NetError::NotTrustedByPeer), "{err:?}");
+                }
+            }
+        });
+    }
+    let client = good_client(&scfg);
+    for i in 0..10 {
+        let t = Instant::now();
+        let (c, s) = tokio::join!(dial(&addr, &client), async {
+            tokio::time::timeout(Duration::from_secs(5), listener.accept()).await
+        });
+        let took = t.elapsed();
+        let (mut c, mut s) = (c.unwrap(), s.expect("accept timed out").unwrap());
+        exchange(&mut c, &mut s).await;
+        assert!(took < Duration::from_secs(2), "dial {i} took {took:?}");
+    }
+    while let Some(done) = flood.join_next().await {
+        done.unwrap();
+    }
+    eventually("refusals are counted", || listener.stats().failed == 4 * EACH as u64).await;
+    let s = listener.stats();
+    assert_eq!((s.authenticated, s.accepted), (10, 10 + 4 * EACH as u64), "{s:?}");
+    assert_eq!((s.evicted, s.shed, s.timed_out), (0, 0, 0), "{s:?}");
 }
 
 #[cfg(feature = "test-utils")]

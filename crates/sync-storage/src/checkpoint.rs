@@ -99,7 +99,8 @@ impl Store {
                 Value::BigInt(Some(micros::to_micros(&c.updated_at))),
             ],
         )
-        .await?;
+        .await
+        .map_err(|e| e.disk_full_at(self.path()))?;
         Ok(())
     }
 

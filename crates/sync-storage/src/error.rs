@@ -1,6 +1,13 @@
 //! `StorageError`: one variant per kind of bad input, with messages meant for a user.
 
+use std::path::{Path, PathBuf};
+
+use sea_orm::sqlx;
 use sync_core::{DeviceId, IndexId, Seq, SnapshotId};
+
+/// SQLite's primary result code "database or disk is full" (`SQLITE_FULL`).
+/// Extended codes keep the primary code in their low byte.
+const SQLITE_FULL: i32 = 13;
 
 /// Why a storage operation was refused or failed. Refusals leave the library unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -166,12 +173,75 @@ pub enum StorageError {
     /// A stored value this version cannot read.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
+    /// The disk holding the library (or a snapshot file) has no space left.
+    /// The write that hit it was rolled back whole: the library holds what it
+    /// held before, and the transfer resumes from its watermark once space returns.
+    #[error(
+        "no space left on the disk holding {}: free some space; \
+         the transfer resumes from the last applied batch",
+        path.display()
+    )]
+    DiskFull {
+        /// The file whose write failed (the library, or a snapshot file).
+        path: PathBuf,
+    },
     /// The database refused or failed.
     #[error("database: {0}")]
     Db(#[from] sea_orm::DbErr),
     /// Reading or writing a file failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl StorageError {
+    /// The error as [`StorageError::DiskFull`] at `path` when its cause is
+    /// the disk running out of space, else unchanged. The one place that
+    /// recognizes a full disk: SQLite's `SQLITE_FULL` (which is also what
+    /// SQLite reports when a write of it fails with `ENOSPC`, and when
+    /// `max_page_count` is reached) and io errors of kind `StorageFull`.
+    pub(crate) fn disk_full_at(self, path: &Path) -> StorageError {
+        let full = match &self {
+            StorageError::Db(e) => db_out_of_space(e),
+            StorageError::Io(e) => io_out_of_space(e),
+            _ => false,
+        };
+        if full {
+            tracing::debug!(path = %path.display(), cause = %self, "disk full");
+            StorageError::DiskFull {
+                path: path.to_path_buf(),
+            }
+        } else {
+            self
+        }
+    }
+}
+
+/// sea-orm keeps the sqlx error behind `RuntimeErr` (not as its `source`).
+fn db_out_of_space(e: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    match e {
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => sqlx_out_of_space(e),
+        _ => false,
+    }
+}
+
+fn sqlx_out_of_space(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == SQLITE_FULL),
+        sqlx::Error::Io(e) => io_out_of_space(e),
+        _ => false,
+    }
+}
+
+/// `ENOSPC` (and its Windows twin) is `StorageFull`; a full quota counts too.
+fn io_out_of_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
 }
 
 /// The result type of this crate.

@@ -35,10 +35,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use sea_orm::sqlx::ConnectOptions as _;
 use sea_orm::sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
+use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 use sea_orm::{DatabaseConnection, SqlxSqliteConnector, Value};
 use sea_orm_migration::MigratorTrait;
 use sync_core::{DeviceId, IndexId, LibraryId, Seq, Watermark};
@@ -108,6 +109,27 @@ pub(crate) struct OwnerState {
     pub(crate) watermark: Watermark,
 }
 
+/// Whether the writer connection handed back to the pool may be reused.
+///
+/// SQLite rolls a transaction back by itself when a COMMIT fails with
+/// `SQLITE_FULL` (a full disk), or when such a statement cannot be undone
+/// alone; sqlx does not notice, its own ROLLBACK then fails, and it keeps
+/// counting the transaction as open: every later `begin` would become a
+/// savepoint of a transaction that does not exist (measured: the next
+/// batch "committed" but never became visible). A connection still counted
+/// in a transaction once its pending rollback has run is closed instead;
+/// the pool opens a fresh one.
+async fn writer_in_sync(conn: &mut SqliteConnection) -> std::result::Result<bool, sqlx::Error> {
+    // The worker runs commands in order: the queued rollback of a dropped
+    // transaction has run when the ping returns.
+    conn.ping().await?;
+    let in_sync = !conn.is_in_transaction();
+    if !in_sync {
+        tracing::warn!("writer connection left in a transaction SQLite already ended: reopened");
+    }
+    Ok(in_sync)
+}
+
 /// Base connect options of the library file.
 fn connect_options(db_path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
@@ -168,6 +190,7 @@ impl Store {
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
+                .after_release(|conn, _| Box::pin(writer_in_sync(conn)))
                 .connect_with(writer_opts)
                 .await
                 .map_err(|e| sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))?;
@@ -211,6 +234,7 @@ impl Store {
         }
         .instrument(span)
         .await
+        .map_err(|e: StorageError| e.disk_full_at(db_path))
     }
 
     /// Closes the connections (the WAL is checkpointed when the writer closes).
@@ -237,8 +261,35 @@ impl Store {
             sea_orm::sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
                 .fetch_one(&mut *conn)
                 .await
-                .map_err(bulk::db_err)?;
+                .map_err(|e| bulk::db_err(e).disk_full_at(self.path()))?;
         tracing::debug!(busy, log, done, "wal checkpoint");
+        Ok(())
+    }
+
+    /// Caps the library file at its current size plus `extra_pages` pages
+    /// (`PRAGMA max_page_count` on the writer; `None` lifts the cap): writes
+    /// past it fail with `SQLITE_FULL`, as on a full disk. Only for tests on
+    /// machines that cannot mount a small filesystem.
+    #[doc(hidden)]
+    pub async fn cap_pages_for_tests(&self, extra_pages: Option<u32>) -> Result<()> {
+        let _guard = self.inner.write_lock.lock().await;
+        let mut conn = self
+            .inner
+            .writer_pool
+            .acquire()
+            .await
+            .map_err(bulk::db_err)?;
+        let (pages,): (i64,) = sea_orm::sqlx::query_as("PRAGMA page_count")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(bulk::db_err)?;
+        // SQLite's own upper bound (the default) when uncapped.
+        let max = extra_pages.map_or(4_294_967_294, |extra| pages + i64::from(extra));
+        let sql = format!("PRAGMA max_page_count = {max}");
+        sea_orm::sqlx::query(sea_orm::sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .map_err(bulk::db_err)?;
         Ok(())
     }
 
@@ -294,6 +345,12 @@ impl Store {
     /// Creates the local device (a new UUIDv7) in `library`, with its owner
     /// state at a fresh random IndexId and seq 0. Refused if one exists.
     pub async fn create_device(&self, name: &str, library: LibraryId) -> Result<DeviceInfo> {
+        self.create_device_inner(name, library)
+            .await
+            .map_err(|e| e.disk_full_at(self.path()))
+    }
+
+    async fn create_device_inner(&self, name: &str, library: LibraryId) -> Result<DeviceInfo> {
         let _guard = self.inner.write_lock.lock().await;
         if let Some(d) = self.load_device().await? {
             return Err(StorageError::AlreadyInitialized {

@@ -123,7 +123,8 @@ impl Store {
         );
         async move {
             let path = self.inner.snapshots_dir.join(format!("{id}.db"));
-            let built = self.build_snapshot_file(owner, &path).await;
+            let built =
+                (self.build_snapshot_file(owner, &path).await).map_err(|e| e.disk_full_at(&path));
             let (index_id, max_seq, records) = match built {
                 Ok(v) => v,
                 Err(e) => {
@@ -131,13 +132,15 @@ impl Store {
                     return Err(e);
                 }
             };
+            sync_core::crash_point("export.built");
             let p = path.clone();
             let (bytes, hash, chunks) = tokio::task::spawn_blocking(move || {
                 File::open(&p)?.sync_all()?;
                 hash_file(&p)
             })
             .await
-            .map_err(io_err)??;
+            .map_err(io_err)?
+            .map_err(|e| StorageError::from(e).disk_full_at(&path))?;
             let manifest = SnapshotManifest {
                 id,
                 owner,
@@ -149,7 +152,10 @@ impl Store {
                 hash,
                 path,
             };
-            self.save_manifest(&manifest).await?;
+            sync_core::crash_point("export.hashed");
+            self.save_manifest(&manifest)
+                .await
+                .map_err(|e| e.disk_full_at(self.path()))?;
             tracing::info!(
                 records,
                 bytes,
@@ -349,6 +355,7 @@ impl Store {
         let part = self.inner.incoming_dir.join(format!("{}.part", offer.id));
         let state = self.inner.incoming_dir.join(format!("{}.next", offer.id));
         let offer = *offer;
+        let part_path = part.clone();
         let (file, next) = tokio::task::spawn_blocking(move || -> Result<(File, u32)> {
             let persisted = std::fs::read_to_string(&state).ok().and_then(|s| {
                 let mut it = s.split_whitespace();
@@ -372,7 +379,8 @@ impl Store {
             Ok((file, next))
         })
         .await
-        .map_err(io_err)??;
+        .map_err(io_err)?
+        .map_err(|e| e.disk_full_at(&part_path))?;
         tracing::info!(
             snapshot = %offer.id.fmt_short(),
             next_chunk = next,
@@ -421,7 +429,10 @@ impl Store {
                 .await
                 .map_err(io_err)??;
             check_snapshot_db(&part, &offer).await?;
-            let w = self.copy_snapshot(&part, &offer).await?;
+            sync_core::crash_point("import.verified");
+            let w = (self.copy_snapshot(&part, &offer).await)
+                .map_err(|e| e.disk_full_at(self.path()))?;
+            sync_core::crash_point("import.copied");
             let _ = tokio::fs::remove_file(&part).await;
             let _ = tokio::fs::remove_file(&state).await;
             tracing::info!(index = %w.index_id, seq = w.seq.0, "snapshot imported");
@@ -449,7 +460,10 @@ impl Store {
                     Ok(w)
                 }
                 Err(e) => {
-                    txn.rollback().await?;
+                    // The cause, not the rollback's own failure: SQLite may
+                    // have ended the transaction itself (SQLITE_FULL), and
+                    // the writer pool reopens a connection left out of step.
+                    let _ = txn.rollback().await;
                     Err(e)
                 }
             }
@@ -771,7 +785,9 @@ impl SnapshotDownload {
             Ok(())
         })
         .await
-        .map_err(io_err)??;
+        .map_err(io_err)?
+        .map_err(|e| e.disk_full_at(&self.part))?;
+        sync_core::crash_point("download.chunk");
         self.next = index + 1;
         Ok(())
     }

@@ -1027,3 +1027,321 @@ async fn checkpoint_truncates_the_wal() {
         .unwrap();
     assert_eq!(s.summary(owner).await.unwrap().entries, 2000);
 }
+
+// ---------------------------------------------------------------- full disk
+
+/// A size-limited tmpfs mounted on a temporary directory: a real disk that
+/// fills up. Unmounted (lazily) on drop. Mounting needs root.
+struct SmallDisk {
+    dir: TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `kib` KiB, or `None` where mounting is not permitted.
+    fn mount(kib: u64) -> Option<SmallDisk> {
+        let dir = TempDir::new().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { dir })
+    }
+
+    /// Resizes the filesystem (not below what it holds).
+    fn resize(&self, kib: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={kib}k")])
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount to {kib} KiB failed");
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// KiB held by the files on it (tmpfs allocates whole pages).
+    fn used_kib(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    let m = e.metadata().unwrap();
+                    if m.is_dir() {
+                        walk(&e.path())
+                    } else {
+                        m.blocks() * 512
+                    }
+                })
+                .sum()
+        }
+        walk(self.path()).div_ceil(1024)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Where a full disk is simulated: a small tmpfs, or (where mounting is not
+/// permitted) SQLite's `max_page_count` on the library's writer.
+enum Space {
+    Disk(SmallDisk),
+    PageCap(TempDir),
+}
+
+impl Space {
+    fn new(kib: u64) -> Space {
+        match SmallDisk::mount(kib) {
+            Some(d) => Space::Disk(d),
+            None => {
+                eprintln!(
+                    "cannot mount a tmpfs (not root?): falling back to PRAGMA max_page_count"
+                );
+                Space::PageCap(TempDir::new().unwrap())
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Space::Disk(d) => d.path(),
+            Space::PageCap(t) => t.path(),
+        }
+    }
+
+    /// Leaves `kib` KiB free for `store` (on the disk, or as library pages).
+    async fn leave_free(&self, store: &Store, kib: u64) {
+        match self {
+            Space::Disk(d) => d.resize(d.used_kib() + kib),
+            Space::PageCap(_) => store
+                .cap_pages_for_tests(Some((kib * 1024 / u64::from(PAGE_SIZE)) as u32))
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Plenty of space again.
+    async fn grow(&self, store: &Store) {
+        match self {
+            Space::Disk(d) => d.resize(256 * 1024),
+            Space::PageCap(_) => store.cap_pages_for_tests(None).await.unwrap(),
+        }
+    }
+}
+
+fn assert_disk_full(e: &StorageError, path: &Path) {
+    assert!(
+        matches!(e, StorageError::DiskFull { path: p } if p == path),
+        "expected DiskFull at {}, got {e:?}",
+        path.display()
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("no space left on the disk holding"),
+        "{msg}"
+    );
+    assert!(msg.contains("free some space"), "{msg}");
+}
+
+/// The records of `owner` held by `s` with `after < seq <= last`, in seq order.
+async fn records_between(s: &Store, owner: DeviceId, after: Seq, last: Seq) -> Vec<Record> {
+    let mut out: Vec<Record> = Vec::new();
+    let mut cursor = after;
+    loop {
+        let page = s.records_after(owner, cursor, 10_000).await.unwrap();
+        let Some(l) = page.last() else { break };
+        cursor = l.seq();
+        out.extend(page.into_iter().filter(|r| r.seq() <= last));
+        if cursor >= last {
+            break;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn full_disk_refuses_a_batch_whole_and_it_applies_once_space_returns() {
+    let dir = TempDir::new().unwrap();
+    let (a, owner) = populated(&dir, "a", 20_000).await;
+    let idx = a.local_watermark().await.unwrap().index_id;
+    let max = a.local_watermark().await.unwrap().seq;
+    let space = Space::new(4 * 1024);
+    let b = Store::open(&space.path().join("b").join("library.db"))
+        .await
+        .unwrap();
+    b.create_device("b", LibraryId::new_v7()).await.unwrap();
+    // B already holds the first 500 records of A.
+    b.apply_batch(
+        owner,
+        idx,
+        Seq(0),
+        Seq(500),
+        records_between(&a, owner, Seq(0), Seq(500)).await,
+    )
+    .await
+    .unwrap();
+    let before = state(&b).await;
+    space.leave_free(&b, 512).await;
+
+    // ~20K rows of ~250 bytes do not fit in 512 KiB: refused whole.
+    let big = records_between(&a, owner, Seq(500), max).await;
+    let e = b
+        .apply_batch(owner, idx, Seq(500), max, big.clone())
+        .await
+        .unwrap_err();
+    assert_disk_full(&e, b.path());
+    assert_eq!(state(&b).await, before);
+    assert_eq!(
+        b.watermark(owner).await.unwrap(),
+        Some(Watermark::new(idx, Seq(500)))
+    );
+
+    // A smaller batch applies whole or not at all.
+    let small = records_between(&a, owner, Seq(500), Seq(700)).await;
+    match b.apply_batch(owner, idx, Seq(500), Seq(700), small).await {
+        Ok(w) => {
+            assert_eq!(w, Watermark::new(idx, Seq(700)));
+            let want = records_between(&a, owner, Seq(0), Seq(700)).await;
+            let mut fp = sync_core::Fingerprint::default();
+            for r in &want {
+                fp.add(&r.id_bytes(), r.seq(), r.deleted());
+            }
+            assert_eq!(b.summary(owner).await.unwrap().fingerprint, fp);
+        }
+        Err(e) => {
+            assert_disk_full(&e, b.path());
+            assert_eq!(state(&b).await, before);
+        }
+    }
+
+    // Space returns: the same batch applies, and B holds exactly what A holds.
+    space.grow(&b).await;
+    let w = b.apply_batch(owner, idx, Seq(500), max, big).await.unwrap();
+    assert_eq!(w, Watermark::new(idx, max));
+    let (sa, sb) = (
+        a.summary(owner).await.unwrap(),
+        b.summary(owner).await.unwrap(),
+    );
+    assert_eq!(
+        (sb.fingerprint, sb.entries, sb.tombstones, sb.seq),
+        (sa.fingerprint, sa.entries, sa.tombstones, sa.seq)
+    );
+    // And the writer goes on working.
+    let me = b.device().await.unwrap().unwrap().device_id;
+    b.commit_local(me, vec![LocalChange::Location(location(me, 0))])
+        .await
+        .unwrap();
+
+    // An export that fills the disk is refused and leaves no file behind.
+    if let Space::Disk(disk) = &space {
+        let before = state(&b).await;
+        disk.resize(disk.used_kib() + 256);
+        let e = b.export_snapshot(owner).await.unwrap_err();
+        assert!(
+            matches!(&e, StorageError::DiskFull { path } if path.starts_with(b.snapshots_dir())),
+            "{e:?}"
+        );
+        assert_eq!(std::fs::read_dir(b.snapshots_dir()).unwrap().count(), 0);
+        assert_eq!(state(&b).await, before);
+    }
+    b.close().await;
+}
+
+#[tokio::test]
+async fn full_disk_during_snapshot_download_or_import_changes_nothing() {
+    let dir = TempDir::new().unwrap();
+    let (a, owner) = populated(&dir, "a", 12_000).await;
+    let m = a.export_snapshot(owner).await.unwrap();
+    assert!(m.chunks.len() >= 3, "{} chunks", m.chunks.len());
+    let space = Space::new(4 * 1024);
+    let b = Store::open(&space.path().join("b").join("library.db"))
+        .await
+        .unwrap();
+    b.create_device("b", LibraryId::new_v7()).await.unwrap();
+    let other = DeviceId::new_v7();
+    let (_, recs) = batch(other, 20);
+    b.apply_batch(other, IndexId(9), Seq(0), Seq(21), recs)
+        .await
+        .unwrap();
+    let before = state(&b).await;
+
+    match &space {
+        Space::Disk(disk) => {
+            // The download runs out of space on its second chunk.
+            disk.resize(disk.used_kib() + m.chunks[0].len as u64 / 1024 + 512);
+            let mut d = b.begin_download(&m.offer()).await.unwrap();
+            let part = b.incoming_dir().join(format!("{}.part", m.id));
+            let e = loop {
+                let i = d.next_chunk();
+                assert!(!d.is_complete(), "the download fit");
+                let (hash, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
+                if let Err(e) = d.write_chunk(i, hash, &data).await {
+                    break e;
+                }
+            };
+            assert_disk_full(&e, &part);
+            assert_eq!(d.next_chunk(), 1);
+            drop(d);
+            assert_eq!(state(&b).await, before);
+
+            // Room for the file but not for the import: the download resumes
+            // and completes, the import is refused.
+            disk.resize(disk.used_kib() + m.bytes / 1024 + 256);
+            let mut d = b.begin_download(&m.offer()).await.unwrap();
+            assert_eq!(d.next_chunk(), 1, "resumes after the last chunk written");
+            while !d.is_complete() {
+                let i = d.next_chunk();
+                let (hash, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
+                d.write_chunk(i, hash, &data).await.unwrap();
+            }
+            let e = b.import_snapshot(d).await.unwrap_err();
+            assert_disk_full(&e, b.path());
+            assert_eq!(state(&b).await, before);
+        }
+        Space::PageCap(_) => {
+            eprintln!("no tmpfs: the download's ENOSPC is not covered, only the import's");
+            space.leave_free(&b, 256).await;
+            let e = transfer(&a, &m, &b).await.unwrap_err();
+            assert_disk_full(&e, b.path());
+            assert_eq!(state(&b).await, before);
+        }
+    }
+
+    // Space returns: the kept download resumes (at most its last, partial,
+    // chunk is fetched again) and imports.
+    space.grow(&b).await;
+    let mut d = b.begin_download(&m.offer()).await.unwrap();
+    assert!(
+        d.next_chunk() + 1 >= d.chunks(),
+        "{} of {}",
+        d.next_chunk(),
+        d.chunks()
+    );
+    while !d.is_complete() {
+        let i = d.next_chunk();
+        let (hash, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
+        d.write_chunk(i, hash, &data).await.unwrap();
+    }
+    let w = b.import_snapshot(d).await.unwrap();
+    assert_eq!(w, a.local_watermark().await.unwrap());
+    assert_eq!(
+        b.summary(owner).await.unwrap().fingerprint,
+        a.summary(owner).await.unwrap().fingerprint
+    );
+    assert_eq!(
+        b.summary(other).await.unwrap(),
+        before.0.iter().find(|s| s.owner == other).unwrap().clone()
+    );
+    b.close().await;
+}

@@ -58,6 +58,7 @@ impl Store {
         }
         .instrument(span)
         .await
+        .map_err(|e: StorageError| e.disk_full_at(self.path()))
     }
 }
 
@@ -175,6 +176,7 @@ async fn commit_local_tx(
     tombstone(&mut txn, "entry", owner, &del_ents).await?;
     set_local_seq(&mut txn, owner, seq).await?;
     txn.commit().await.map_err(db_err)?;
+    sync_core::crash_point("commit.txn");
     Ok(seq)
 }
 
@@ -292,6 +294,7 @@ impl Store {
         }
         .instrument(span)
         .await
+        .map_err(|e: StorageError| e.disk_full_at(self.path()))
     }
 
     /// Drops every row of a remote `owner` and sets its watermark to `(index_id, 0)`.
@@ -317,6 +320,7 @@ impl Store {
         }
         .instrument(span)
         .await
+        .map_err(|e: StorageError| e.disk_full_at(self.path()))
     }
 }
 
