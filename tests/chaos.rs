@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use sync_actors::EngineConfig;
 use sync_core::{Record, Seq};
 
 use sync_net::fault::{FaultLog, FaultPlan, memory_pair_with_faults};
 use sync_storage::LocalChange;
-use tokio::task::JoinHandle;
 
 use crate::harness::{Device, assert_converged, generate, shutdown, spawn_devices};
 
@@ -286,32 +286,39 @@ impl Shape {
     }
 }
 
-/// One link between the schedule's two devices; finished once both
-/// sessions have ended.
-fn attach_link(
-    a: &Device,
-    b: &Device,
-    plans: (FaultPlan, FaultPlan),
-) -> impl Future<Output = JoinHandle<()>> {
-    let (ea, eb) = (a.engine.clone(), b.engine.clone());
-    async move {
-        let mut na = ea.net_config();
-        let mut nb = eb.net_config();
-        // Short timeouts, so stalls longer than them end links.
-        for n in [&mut na, &mut nb] {
-            n.idle_timeout = Duration::from_millis(1_500);
-            n.keepalive_interval = Duration::from_millis(300);
-        }
-        let (ca, cb) = memory_pair_with_faults(&na, &nb, plans.0, plans.1)
-            .await
-            .expect("memory pair");
-        let closed_a = ea.attach(ca).await.expect("attach a");
-        let closed_b = eb.attach(cb).await.expect("attach b");
-        tokio::spawn(async move {
-            let _ = closed_a.await;
-            let _ = closed_b.await;
-        })
+/// One link between the schedule's two devices.
+struct Link {
+    /// Set once both sessions have ended.
+    ended: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn is_finished(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
+}
+
+async fn attach_link(a: &Device, b: &Device, plans: (FaultPlan, FaultPlan)) -> Link {
+    let mut na = a.engine.net_config();
+    let mut nb = b.engine.net_config();
+    // Short timeouts, so stalls longer than them end links.
+    for n in [&mut na, &mut nb] {
+        n.idle_timeout = Duration::from_millis(1_500);
+        n.keepalive_interval = Duration::from_millis(300);
+    }
+    let (ca, cb) = memory_pair_with_faults(&na, &nb, plans.0, plans.1)
+        .await
+        .expect("memory pair");
+    let closed_a = a.engine.attach(ca).await.expect("attach a");
+    let closed_b = b.engine.attach(cb).await.expect("attach b");
+    let ended = Arc::new(AtomicBool::new(false));
+    let flag = ended.clone();
+    tokio::spawn(async move {
+        let _ = closed_a.await;
+        let _ = closed_b.await;
+        flag.store(true, Ordering::SeqCst);
+    });
+    Link { ended }
 }
 
 async fn caught_up(a: &Device, b: &Device) -> bool {
@@ -329,7 +336,7 @@ async fn run_schedule(seed: u64, tally: &mut Tally) -> RecordCheck {
     );
     let mut devices = spawn_devices(2, |c| shape.configure(c)).await;
     generate(&devices[0], shape.entries, seed).await;
-    let mut link: Option<JoinHandle<()>> = None;
+    let mut link: Option<Link> = None;
     let steps = rng.random_range(4..12);
     for _ in 0..steps {
         if rng.random_bool(0.3) {

@@ -126,15 +126,17 @@ async fn refused_for_space(events: &mut tokio::sync::broadcast::Receiver<SyncEve
 }
 
 /// Asserts B holds whole batches of A only: its watermark is a batch boundary
-/// below `end`, and its rows are exactly A's records up to it (read in one
-/// transaction). Returns the watermark seq.
+/// (below `stopped_before`, when given), and its rows are exactly A's
+/// records up to it (read in one transaction). Returns the watermark seq.
 async fn assert_whole_batches(
     a: &crate::harness::Device,
     b: &crate::harness::Device,
-    end: Seq,
+    stopped_before: Option<Seq>,
 ) -> Seq {
     let held = b.store().summary(a.id).await.expect("summary");
-    assert!(held.seq < end, "the transfer did not stop: {held:?}");
+    if let Some(end) = stopped_before {
+        assert!(held.seq < end, "the transfer did not stop: {held:?}");
+    }
     assert_eq!(
         held.seq.0 % BATCH,
         0,
@@ -177,7 +179,10 @@ async fn receiver_disk_fills_mid_transfer_then_resumes_when_space_returns() {
     let cause = refused_for_space(&mut events).await;
     assert!(cause.contains("library.db"), "{cause}");
     assert!(cause.contains("free some space"), "{cause}");
-    let held = assert_whole_batches(a, b, range.last).await;
+    // The page cap lasts only until the writer connection is reopened, which
+    // the failure does: without a mount the transfer may go on at once.
+    let stopped_before = disk.as_ref().map(|_| range.last);
+    let held = assert_whole_batches(a, b, stopped_before).await;
     eprintln!(
         "disk full after {:?}, B holds seq {} of {}",
         started.elapsed(),
@@ -187,10 +192,12 @@ async fn receiver_disk_fills_mid_transfer_then_resumes_when_space_returns() {
 
     // The dialer keeps reconnecting while the disk is full; every session is
     // refused the same way and the library stays put.
-    for _ in 1..REFUSALS {
-        refused_for_space(&mut events).await;
+    if disk.is_some() {
+        for _ in 1..REFUSALS {
+            refused_for_space(&mut events).await;
+        }
+        assert_eq!(assert_whole_batches(a, b, stopped_before).await, held);
     }
-    assert_eq!(assert_whole_batches(a, b, range.last).await, held);
 
     // Space returns: the transfer resumes with nobody asking and converges.
     let grown = Instant::now();

@@ -37,15 +37,82 @@ impl Device {
     }
 }
 
-/// Logs to the test's output (`RUST_LOG` selects), once per process.
+/// Warnings and errors logged in this process, one line each
+/// ("message field=value ..."), so tests can check what was logged.
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records WARN and ERROR events into [`WARNINGS`].
+struct CaptureWarnings;
+
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0.insert_str(0, &format!("{value:?}"));
+        } else {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0.insert_str(0, value);
+        } else {
+            self.0.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CaptureWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() <= tracing::Level::WARN {
+            let mut line = Line(String::new());
+            event.record(&mut line);
+            WARNINGS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(line.0);
+        }
+    }
+}
+
+/// Logs to the test's output (`RUST_LOG` selects, default `warn`), and
+/// captures warnings for [`assert_logged`]; once per process.
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, filter::LevelFilter};
+    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(env),
         )
-        .with_test_writer()
+        .with(CaptureWarnings.with_filter(LevelFilter::WARN))
         .try_init();
+}
+
+/// Waits (a few seconds at most) for a logged warning that contains every
+/// one of `parts`, e.g. `["refusing peer data", "peer=1a2b3c4d"]`.
+pub async fn assert_logged(parts: &[&str]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = WARNINGS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|l| parts.iter().all(|p| l.contains(p)));
+        if found {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no warning logged with {parts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// `n` devices of one library, every pair trusting each other, engines started.

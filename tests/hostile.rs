@@ -1,6 +1,7 @@
 //! Hostile peers: a trusted device sending another owner's records, gaps,
-//! malformed payloads, replays; an untrusted device. Each is refused with a
-//! typed error, nothing is applied, and the device keeps serving others.
+//! malformed payloads, replays, snapshots with a wrong hash or a wrong
+//! schema; an untrusted device. Each is refused with a typed error, logged
+//! with the peer, nothing is applied, and the device keeps serving others.
 
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use sync_core::{
 use sync_net::{ConnReader, ConnWriter, NetError, dial};
 
 use crate::harness::{
-    Device, assert_converged, connect, generate, shutdown, spawn_devices, wait_for_watermark,
+    Device, assert_converged, assert_logged, connect, generate, shutdown, spawn_devices,
+    wait_for_watermark,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -118,6 +120,8 @@ async fn another_owners_records_are_refused_and_nothing_applied() {
         .unwrap();
     assert_eq!(refusal(&mut r).await, ErrorCode::ForeignOwner);
     nothing_held(a, carol.id).await;
+    let peer = format!("peer={}", mallory.id.fmt_short());
+    assert_logged(&["refusing peer", &peer, "ForeignOwner"]).await;
 
     // Mallory's own batch smuggling a location owned by Carol.
     let (mut r, w) = raw(mallory, a).await;
@@ -175,6 +179,8 @@ async fn gaps_malformed_payloads_and_replays() {
         .unwrap();
     assert_eq!(refusal(&mut r).await, ErrorCode::Gap);
     nothing_held(a, mallory.id).await;
+    let peer = format!("peer={}", mallory.id.fmt_short());
+    assert_logged(&["refusing peer data", &peer, "Gap"]).await;
 
     // Random bytes as a payload.
     let (mut r, w) = raw(mallory, a).await;
@@ -201,6 +207,7 @@ async fn gaps_malformed_payloads_and_replays() {
     w.send(lying).await.unwrap();
     assert_eq!(refusal(&mut r).await, ErrorCode::Malformed);
     nothing_held(a, mallory.id).await;
+    assert_logged(&["refusing peer data", &peer, "Malformed"]).await;
 
     // A valid batch, then its replay: acknowledged, state unchanged.
     let (mut r, w) = raw(mallory, a).await;
@@ -244,4 +251,107 @@ async fn an_untrusted_device_is_refused() {
     assert!(trusted[0].engine.peers().await.unwrap().is_empty());
     trusted[0].engine.shutdown().await.unwrap();
     strangers[0].engine.shutdown().await.unwrap();
+}
+
+/// Offers `file` to `a` as a snapshot of `mallory`'s records, with
+/// `whole_hash` as the file's hash, serves its chunks as they are asked
+/// for, and returns `a`'s refusal.
+async fn offer_snapshot(
+    a: &Device,
+    mallory: &Device,
+    file: &[u8],
+    whole_hash: [u8; 32],
+    entries: u64,
+    max_seq: Seq,
+    index_id: IndexId,
+) -> ErrorCode {
+    use sha2::{Digest, Sha256};
+    let chunk = sync_core::SNAPSHOT_CHUNK_SIZE;
+    let chunks: Vec<&[u8]> = file.chunks(chunk).collect();
+    let id = sync_core::SnapshotId::new_v7();
+    let (mut r, w) = raw(mallory, a).await;
+    w.send(Message::SnapshotOffer {
+        id,
+        owner: mallory.id,
+        index_id,
+        max_seq,
+        entries,
+        bytes: file.len() as u64,
+        chunks: chunks.len() as u32,
+        hash: whole_hash,
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match r.recv().await {
+                Ok(Some(Message::SnapshotRequest {
+                    id: want,
+                    from_chunk,
+                })) => {
+                    assert_eq!(want, id);
+                    for (i, c) in chunks.iter().enumerate().skip(from_chunk as usize) {
+                        w.send(Message::SnapshotChunk {
+                            id,
+                            index: i as u32,
+                            hash: Sha256::digest(c).into(),
+                            data: sync_core::codec::compress(c),
+                        })
+                        .await
+                        .unwrap();
+                    }
+                }
+                Ok(Some(_)) => continue,
+                Err(NetError::Refused { code, .. }) => return code,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("refused in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_with_a_wrong_hash_or_schema_are_refused_and_nothing_applied() {
+    use sha2::{Digest, Sha256};
+    let devices = spawn_devices(3, |_| {}).await;
+    let (a, mallory, carol) = (&devices[0], &devices[1], &devices[2]);
+    let peer = format!("peer={}", mallory.id.fmt_short());
+    // A genuine snapshot of Mallory's records, offered with a wrong hash.
+    let range = generate(mallory, 3_000, 4).await;
+    let m = mallory.store().export_snapshot(mallory.id).await.unwrap();
+    let file = std::fs::read(&m.path).unwrap();
+    let mut wrong = m.hash;
+    wrong[0] ^= 1;
+    let code = offer_snapshot(a, mallory, &file, wrong, m.entries, m.max_seq, m.index_id).await;
+    assert_eq!(code, ErrorCode::BadSnapshot);
+    nothing_held(a, mallory.id).await;
+    assert_logged(&["refusing peer data", &peer, "BadSnapshot"]).await;
+
+    // A SQLite file of another schema (Mallory's whole library), with
+    // every hash right, so only the schema check can refuse it.
+    mallory.store().checkpoint().await.unwrap();
+    let other = std::fs::read(mallory.dir.join("library.db")).unwrap();
+    let hash: [u8; 32] = Sha256::digest(&other).into();
+    let code = offer_snapshot(a, mallory, &other, hash, m.entries, m.max_seq, m.index_id).await;
+    assert_eq!(code, ErrorCode::BadSnapshot);
+    nothing_held(a, mallory.id).await;
+    let left: Vec<_> = std::fs::read_dir(a.store().incoming_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a refused download leaves no files: {left:?}"
+    );
+
+    // A keeps serving others, and Mallory's real records still arrive.
+    let own = generate(a, 300, 5).await;
+    connect(carol, a).await;
+    wait_for_watermark(carol, a.id, own.last, WAIT).await;
+    assert_converged(a, carol).await;
+    connect(a, mallory).await;
+    wait_for_watermark(a, mallory.id, range.last, WAIT).await;
+    assert_converged(mallory, a).await;
+    shutdown(&devices).await;
 }

@@ -8,5 +8,6 @@ mod faults;
 mod harness;
 mod hostile;
 mod hostile_bytes;
+mod load;
 mod strategies;
 mod tidy;

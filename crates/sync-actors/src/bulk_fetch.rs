@@ -316,7 +316,13 @@ impl Receiver {
                 Err(refusal) => Err(refusal),
             };
             if let Err(refusal) = result {
-                warn!(code = ?refusal.code, cause = %refusal.message, "refusing peer data");
+                warn!(
+                    // This job receives the peer's own records: the peer is the owner.
+                    peer = %self.owner.fmt_short(),
+                    code = ?refusal.code,
+                    cause = %refusal.message,
+                    "refusing peer data"
+                );
                 let _ = self
                     .writer
                     .send(Wire::Error {

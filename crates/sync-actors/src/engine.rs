@@ -452,6 +452,9 @@ pub(crate) const REPLACED: &str = "replaced by a newer session";
 
 /// Keeps a dialed peer connected: after each session ends, dials again with
 /// exponential backoff until shutdown.
+/// A session that lasted this long resets the redial backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
 async fn redial(
     shared: SharedRef,
     supervisor: Addr<TransferSupervisor>,
@@ -461,11 +464,17 @@ async fn redial(
     mut closed: oneshot::Receiver<Option<String>>,
 ) {
     let mut attempt = 0u32;
+    let mut since = tokio::time::Instant::now();
     loop {
         let cause = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             cause = &mut closed => cause.ok().flatten(),
         };
+        // Only a session that held up resets the backoff: one that fails
+        // right away (a full disk, a refusal) must not turn into a busy loop.
+        if since.elapsed() >= STABLE_SESSION {
+            attempt = 0;
+        }
         if cause.as_deref() == Some(REPLACED) {
             // Another session to this peer took over; its own loop redials.
             return;
@@ -483,7 +492,7 @@ async fn redial(
                     let (tx, rx) = oneshot::channel();
                     start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
                     closed = rx;
-                    attempt = 0;
+                    since = tokio::time::Instant::now();
                     break;
                 }
                 Err(e) => {

@@ -254,16 +254,16 @@ impl Router {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return None,
                 Err(NetError::Refused { code, message }) => {
-                    warn!(?code, %message, "peer refused");
+                    warn!(peer = %self.peer.fmt_short(), ?code, %message, "peer refused");
                     return Some(format!("peer refused: {code:?}: {message}"));
                 }
                 Err(e) => {
-                    warn!(cause = %e, "link failed");
+                    warn!(peer = %self.peer.fmt_short(), cause = %e, "link failed");
                     return Some(e.to_string());
                 }
             };
             if let Err(refusal) = self.route(msg).await {
-                warn!(cause = %refusal.1, "refusing peer");
+                warn!(peer = %self.peer.fmt_short(), code = ?refusal.0, cause = %refusal.1, "refusing peer");
                 let _ = self
                     .writer
                     .send(Wire::Error {

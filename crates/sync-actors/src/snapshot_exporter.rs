@@ -47,8 +47,31 @@ impl SnapshotExporter {
     }
 }
 
+/// Snapshots of this device kept on disk: the newest serves new peers,
+/// the one before it finishes downloads already under way.
+const KEEP_SNAPSHOTS: usize = 2;
+
 impl Actor for SnapshotExporter {
     type Context = Context<Self>;
+
+    /// Clears what a crash left behind: files of an export killed before
+    /// its manifest was saved (no export runs yet, so unnamed files are
+    /// orphans), superseded snapshots, and downloads of snapshots whose
+    /// import committed before the crash.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let shared = self.shared.clone();
+        ctx.wait(
+            async move {
+                if let Err(e) = shared.store.prune_snapshots(KEEP_SNAPSHOTS, true).await {
+                    warn!(cause = %e, "cannot prune old snapshots");
+                }
+                if let Err(e) = shared.store.prune_downloads().await {
+                    warn!(cause = %e, "cannot prune finished downloads");
+                }
+            }
+            .into_actor(self),
+        );
+    }
 }
 
 impl Handler<Export> for SnapshotExporter {
@@ -73,11 +96,15 @@ impl Handler<Export> for SnapshotExporter {
                     .instrument(span)
                     .await?;
                 info!(snapshot = %m.id.fmt_short(), entries = m.entries, bytes = m.bytes, chunks = m.chunks.len(), "snapshot exported");
+                if let Err(e) = shared.store.prune_snapshots(KEEP_SNAPSHOTS, false).await {
+                    warn!(cause = %e, "cannot prune old snapshots");
+                }
                 Ok::<_, EngineError>((local, m, false))
             }
             .into_actor(self)
             .map(|res, act, _| {
                 let (w, m, _reused) = res?;
+                act.manifests.retain(|_, old| old.path.exists());
                 act.manifests.insert(m.id, m.clone());
                 act.latest = Some((w, m.clone()));
                 Ok(m)
@@ -108,7 +135,7 @@ impl Handler<ServeChunks> for SnapshotExporter {
                     None => shared.store.snapshot_manifest(msg.id).await.ok().flatten(),
                 };
                 let Some(m) = manifest else {
-                    warn!("unknown snapshot requested");
+                    warn!(peer = %msg.peer.fmt_short(), "unknown snapshot requested");
                     let _ = msg
                         .writer
                         .send(Wire::Error {

@@ -85,6 +85,10 @@ pub enum Command {
         /// every start; its changes reach peers as they are committed.
         #[arg(long = "index", value_name = "PATH")]
         index: Vec<PathBuf>,
+        /// Re-index the folders every this many seconds (a rescan; without
+        /// it they are indexed once).
+        #[arg(long, value_name = "SECS")]
+        rescan: Option<f64>,
         #[command(flatten)]
         tuning: Tuning,
     },

@@ -74,8 +74,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             listen,
             index,
+            rescan,
             tuning,
-        } => sync::serve(&data?, &listen, &index, tuning).await,
+        } => sync::serve(&data?, &listen, &index, rescan, tuning).await,
         Command::Connect {
             addr,
             until_synced,

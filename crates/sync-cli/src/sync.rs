@@ -27,13 +27,22 @@ pub async fn until_signal() -> anyhow::Result<()> {
 }
 
 /// `lsync serve`: listens, indexes the folders given (one after another,
-/// while serving), and syncs until SIGINT or SIGTERM.
+/// while serving; again every `rescan` seconds if given), and syncs until
+/// SIGINT or SIGTERM.
 pub async fn serve(
     data: &Path,
     listen: &str,
     folders: &[PathBuf],
+    rescan: Option<f64>,
     tuning: Tuning,
 ) -> anyhow::Result<()> {
+    let rescan = match rescan {
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            bail!("--rescan needs a positive number of seconds")
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
     let engine = start_tuned(data, tuning).await?;
     let addr = engine.listen(listen).await?;
     eprintln!("listening on {addr} as {}", engine.device().device_id);
@@ -41,18 +50,27 @@ pub async fn serve(
     let indexer = engine.clone();
     let folders = folders.to_vec();
     let indexing = tokio::spawn(async move {
-        for folder in folders {
-            match indexer.index(&folder, None).await {
-                Ok(r) => tracing::info!(
-                    folder = %folder.display(),
-                    entries = r.entries,
-                    created = r.created,
-                    updated = r.updated,
-                    deleted = r.deleted,
-                    skipped = r.skipped,
-                    "indexed"
-                ),
-                Err(e) => tracing::error!(folder = %folder.display(), "cannot index: {e}"),
+        if folders.is_empty() {
+            return;
+        }
+        loop {
+            for folder in &folders {
+                match indexer.index(folder, None).await {
+                    Ok(r) => tracing::info!(
+                        folder = %folder.display(),
+                        entries = r.entries,
+                        created = r.created,
+                        updated = r.updated,
+                        deleted = r.deleted,
+                        skipped = r.skipped,
+                        "folder indexed"
+                    ),
+                    Err(e) => tracing::error!(folder = %folder.display(), "cannot index: {e}"),
+                }
+            }
+            match rescan {
+                Some(every) => tokio::time::sleep(every).await,
+                None => return,
             }
         }
     });

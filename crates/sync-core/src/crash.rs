@@ -9,15 +9,39 @@
 
 /// Every crash point site, with where it sits.
 pub const SITES: &[(&str, &str)] = &[
-    ("index.walk", "the indexer's folder walk, at a progress tick"),
-    ("commit.txn", "a local commit, after one of its transactions committed"),
+    (
+        "index.walk",
+        "the indexer's folder walk, at a progress tick",
+    ),
+    (
+        "commit.txn",
+        "a local commit, after one of its transactions committed",
+    ),
     ("send.batch", "the sender, after a state batch was queued"),
-    ("apply.batch", "the receiver, after a batch was applied, before its ack"),
-    ("export.built", "snapshot export, file written, not yet hashed"),
-    ("export.hashed", "snapshot export, file hashed, manifest not yet saved"),
-    ("download.chunk", "snapshot download, after a chunk and its state were saved"),
-    ("import.verified", "snapshot import, file verified, nothing copied yet"),
-    ("import.copied", "snapshot import, copy committed, download files not yet removed"),
+    (
+        "apply.batch",
+        "the receiver, after a batch was applied, before its ack",
+    ),
+    (
+        "export.built",
+        "snapshot export, file written, not yet hashed",
+    ),
+    (
+        "export.hashed",
+        "snapshot export, file hashed, manifest not yet saved",
+    ),
+    (
+        "download.chunk",
+        "snapshot download, after a chunk and its state were saved",
+    ),
+    (
+        "import.verified",
+        "snapshot import, file verified, nothing copied yet",
+    ),
+    (
+        "import.copied",
+        "snapshot import, copy committed, download files not yet removed",
+    ),
 ];
 
 /// Reaching a crash point: kills the process if the environment asks for

@@ -8,24 +8,29 @@
 //! - at most `max_handshaking` run at once, at most `max_handshaking_per_ip`
 //!   of them from one source (IP address), each holding one of the
 //!   `max_connections` slots that authenticated connections also hold;
-//! - at most `max_connections` wait; a newcomer beyond that closes the
-//!   oldest waiting socket of the source with the most waiting;
+//! - at most `max_waiting` wait; a newcomer beyond that closes the oldest
+//!   waiting socket of the source with the most waiting;
 //! - the accept loop never waits: it accepts, then starts waiting sockets
 //!   by priority, the source with the fewest running handshakes first
 //!   (so a flood's sources queue behind a peer that has none), then the
 //!   oldest;
-//! - when a waiting socket needs a place that young handshakes hold, it
-//!   waits; a handshake older than `handshake_grace` is *stale* and loses its
-//!   place (the oldest stale one of the source running the most). A LAN
-//!   handshake takes milliseconds, so a legitimate burst is queued, never
-//!   evicted, while stalled sockets are recycled every `handshake_grace`;
+//! - when a waiting socket needs a place that running handshakes hold, the
+//!   oldest handshake of the source running the most loses its place, if it
+//!   is *stale* (older than `handshake_grace`) or its source runs at least
+//!   two more than the waiting socket's; otherwise the socket waits. A LAN
+//!   handshake takes milliseconds, so a legitimate burst from one source is
+//!   queued, not evicted, while stalled sockets are recycled: at once when
+//!   a peer with fewer handshakes waits, else every `handshake_grace`;
 //! - when every slot is held by an authenticated connection, the next
 //!   waiting socket is refused with `Error { Busy }` (a refusal runs like a
 //!   handshake, without a slot).
 //!
 //! So a trusted peer from a source without running handshakes starts its
-//! handshake within `handshake_grace` of arriving, whatever the flood, and
-//! the listener holds at most `2 * max_connections + max_handshaking` sockets.
+//! handshake at once when the flood comes from at most `max_handshaking / 2`
+//! sources; from more, it waits for stale handshakes, about one
+//! `handshake_grace` per `max_handshaking` flooding sources.
+//! The listener holds at most `max_waiting + max_connections +
+//! max_handshaking` sockets (the last term: `Busy` refusals).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -57,9 +62,11 @@ pub struct ListenerStats {
     pub failed: u64,
     /// Sockets whose handshake did not finish (or start) within `handshake_timeout`.
     pub timed_out: u64,
-    /// Stale handshakes (older than `handshake_grace`) closed to start a waiting socket.
+    /// Running handshakes closed to start a waiting socket: stale ones (older
+    /// than `handshake_grace`), or those of a source running at least two
+    /// more than the waiting socket's.
     pub evicted: u64,
-    /// Waiting sockets closed because `max_connections` sockets were already waiting.
+    /// Waiting sockets closed because `max_waiting` sockets were already waiting.
     pub shed: u64,
     /// Sockets refused with `Error { Busy }`: every slot held an authenticated connection.
     pub refused_busy: u64,
@@ -265,6 +272,10 @@ impl Table {
 
     /// The handshakes to evict so that the waiting socket from `source` can
     /// start, and where its slot comes from; `None` if it must wait.
+    ///
+    /// A handshake may be evicted when it is stale, or when its source runs
+    /// at least two more than `source` (the swap leaves the sources no less
+    /// fair); a source at its own cap only recycles its own stale ones.
     fn plan(
         &self,
         source: IpAddr,
@@ -273,8 +284,10 @@ impl Table {
         now: Instant,
     ) -> Option<(Vec<usize>, SlotFrom)> {
         let stale = |r: &Running| now.saturating_duration_since(r.started) >= caps.grace;
+        let ours = self.running_of(&source);
+        let evictable = |r: &Running| stale(r) || self.running_of(&r.source) >= ours + 2;
         let mut victims: Vec<usize> = Vec::new();
-        if self.running_of(&source) >= caps.per_source {
+        if ours >= caps.per_source {
             let own = self
                 .running
                 .iter()
@@ -282,14 +295,14 @@ impl Table {
             victims.push(own);
         }
         if self.running.len() - victims.len() >= caps.handshaking {
-            victims.push(self.busiest(|i, r| !victims.contains(&i) && stale(r))?);
+            victims.push(self.busiest(|i, r| !victims.contains(&i) && evictable(r))?);
         }
         let from = if free_slots > 0 {
             SlotFrom::Free
         } else if victims.iter().any(|&i| self.running[i].slot.is_some()) {
             SlotFrom::Victim
         } else if let Some(v) =
-            self.busiest(|i, r| !victims.contains(&i) && r.slot.is_some() && stale(r))
+            self.busiest(|i, r| !victims.contains(&i) && r.slot.is_some() && evictable(r))
         {
             victims.push(v);
             SlotFrom::Victim
@@ -363,7 +376,7 @@ impl Admission {
                 connections: config.max_connections,
                 handshaking: config.max_handshaking.max(1),
                 per_source: config.max_handshaking_per_ip.max(1),
-                waiting: config.max_connections.max(1),
+                waiting: config.max_waiting.max(1),
                 grace: config.handshake_grace,
                 timeout: config.handshake_timeout,
             },
@@ -374,66 +387,71 @@ impl Admission {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A socket was accepted: it waits. When `max_connections` already
-    /// wait, the oldest waiting socket of the source with the most waiting is closed.
-    pub(crate) fn arrive(&self, sock: TcpStream, peer: SocketAddr) {
-        let mut t = self.lock();
-        t.stats.accepted += 1;
-        if t.closed {
-            return;
-        }
-        let source = source_of(peer.ip());
-        if t.waiting.len() >= self.caps.waiting {
-            let most = t
-                .waiting
-                .iter()
-                .map(|w| t.waiting_of(&w.source) + usize::from(w.source == source))
-                .max()
-                .unwrap_or(0);
-            let shed = t.waiting.iter().position(|w| {
-                t.waiting_of(&w.source) + usize::from(w.source == source) == most
-            });
-            if let Some(i) = shed {
-                let w = t.remove_waiting(i);
-                t.stats.shed += 1;
-                let loud = t.loud();
-                gated!(loud, peer = %w.peer, waiting = self.caps.waiting, "too many sockets waiting for a handshake, closing");
-            }
-        }
-        t.waiting.push(Waiting {
-            source,
-            peer,
-            sock,
-            deadline: Instant::now() + self.caps.timeout,
-        });
-        bump(&mut t.waiting_per_source, source);
-        let open = t.open(&self.caps, self.slots.available_permits());
-        t.stats.peak_open = t.stats.peak_open.max(open);
-    }
-
-    /// The next waiting socket to start, if one can start now (evicting
-    /// stale handshakes for it). Closes waiting sockets past their deadline.
-    pub(crate) fn next_start(&self) -> Option<Start> {
+    /// Enters the socket just accepted (if any) as waiting, starts every
+    /// waiting socket that can start now (evicting for them), then closes
+    /// waiting sockets beyond `max_waiting` and past their deadline. One
+    /// step under one lock, so the caps hold at every instant.
+    pub(crate) fn admit(&self, arrived: Option<(TcpStream, SocketAddr)>) -> Vec<Start> {
         let mut t = self.lock();
         let now = Instant::now();
+        if let Some((sock, peer)) = arrived {
+            t.stats.accepted += 1;
+            if t.closed {
+                return Vec::new();
+            }
+            let source = source_of(peer.ip());
+            t.waiting.push(Waiting {
+                source,
+                peer,
+                sock,
+                deadline: now + self.caps.timeout,
+            });
+            bump(&mut t.waiting_per_source, source);
+        }
         while let Some(i) = t.waiting.iter().position(|w| w.deadline <= now) {
             let w = t.remove_waiting(i);
             t.stats.timed_out += 1;
             let loud = t.loud();
             gated!(loud, peer = %w.peer, "waited for a handshake slot until the handshake timeout, closing");
         }
-        // The oldest waiting socket of each source, fewest running handshakes first.
+        let mut starts = Vec::new();
+        while let Some(start) = self.start_one(&mut t, now) {
+            starts.push(start);
+        }
+        while t.waiting.len() > self.caps.waiting {
+            let most = t.waiting_per_source.values().copied().max().unwrap_or(0);
+            let Some(i) = t
+                .waiting
+                .iter()
+                .position(|w| t.waiting_of(&w.source) == most)
+            else {
+                break;
+            };
+            let w = t.remove_waiting(i);
+            t.stats.shed += 1;
+            let loud = t.loud();
+            gated!(loud, peer = %w.peer, max = self.caps.waiting, "too many sockets waiting for a handshake, closing");
+        }
+        let open = t.open(&self.caps, self.slots.available_permits());
+        t.stats.peak_open = t.stats.peak_open.max(open);
+        starts
+    }
+
+    /// Starts the next waiting socket, if one can start now (evicting for it).
+    fn start_one(&self, t: &mut Table, now: Instant) -> Option<Start> {
+        // The oldest waiting socket of each source: fewest running, then
+        // fewest waiting (a flood's sources queue more), then oldest.
         let mut seen = Vec::new();
         let mut order = Vec::new();
         for (i, w) in t.waiting.iter().enumerate() {
             if !seen.contains(&w.source) {
                 seen.push(w.source);
-                order.push((t.running_of(&w.source), i));
+                order.push((t.running_of(&w.source), t.waiting_of(&w.source), i));
             }
         }
         order.sort_unstable();
         let free = self.slots.available_permits();
-        let (index, mut victims, from) = order.into_iter().find_map(|(_, i)| {
+        let (index, mut victims, from) = order.into_iter().find_map(|(_, _, i)| {
             let (victims, from) = t.plan(t.waiting[i].source, &self.caps, free, now)?;
             Some((i, victims, from))
         })?;

@@ -33,11 +33,11 @@ use std::time::Duration;
 
 use sync_core::{LibraryId, Limits};
 
+pub use admission::ListenerStats;
 pub use conn::{ConnReader, ConnWriter, Connection, PeerInfo};
 pub use error::NetError;
 pub use fingerprint::{CertFingerprint, ParseFingerprintError};
 pub use identity::{CERT_FILE, DEVICE_ID_FILE, Identity, KEY_FILE};
-pub use admission::ListenerStats;
 pub use net::{Listener, dial, memory_pair};
 pub use trust::TrustStore;
 
@@ -65,11 +65,14 @@ pub struct NetConfig {
     pub outbound_queue: usize,
     /// Connections a listener serves at once, running handshakes included
     /// (default 64); when all are authenticated, newcomers get `Error { Busy }`.
-    /// Also the most sockets that may wait for a handshake.
     pub max_connections: usize,
     /// TLS handshakes (peers not yet authenticated) a listener runs at once
-    /// (default 16); more sockets wait, up to `max_connections` of them.
+    /// (default 16); more sockets wait for a slot.
     pub max_handshaking: usize,
+    /// Accepted sockets that may wait for a handshake slot (default 64);
+    /// beyond it, the oldest waiting socket of the source with the most
+    /// waiting is closed.
+    pub max_waiting: usize,
     /// TLS handshakes a listener runs at once for one source IP address
     /// (default 4), so that one host cannot take every handshake slot.
     pub max_handshaking_per_ip: usize,
@@ -101,6 +104,7 @@ impl NetConfig {
             outbound_queue: 64,
             max_connections: 64,
             max_handshaking: 16,
+            max_waiting: 64,
             max_handshaking_per_ip: 4,
             handshake_grace: Duration::from_millis(500),
         }

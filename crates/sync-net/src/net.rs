@@ -70,11 +70,11 @@ impl Listener {
     ///
     /// Accepting never waits on a handshake: at most `max_handshaking` run
     /// at once (`max_handshaking_per_ip` per source address), other sockets
-    /// wait (at most `max_connections`), sources with the fewest running
-    /// handshakes first; a handshake running longer than `handshake_grace`
-    /// loses its place to a waiting socket. Beyond `max_connections`
-    /// authenticated connections, newcomers get `Error { Busy }`. See
-    /// [`Listener::stats`]. Cancel-safe.
+    /// wait (at most `max_waiting`), sources with the fewest running
+    /// handshakes first; a handshake running longer than `handshake_grace`,
+    /// or from a source running two more than the waiting socket's, loses
+    /// its place to it. Beyond `max_connections` authenticated connections,
+    /// newcomers get `Error { Busy }`. See [`Listener::stats`]. Cancel-safe.
     pub async fn accept(&self) -> Result<Connection, NetError> {
         self.rx.lock().await.recv().await.ok_or(NetError::Closed)
     }
@@ -93,8 +93,9 @@ async fn accept_loop(
     admission: Arc<Admission>,
 ) {
     let config = Arc::new(config);
+    let mut arrived = None;
     loop {
-        while let Some(start) = admission.next_start() {
+        for start in admission.admit(arrived.take()) {
             let id = start.id;
             let span = tracing::info_span!("handshake", peer = %start.peer);
             let (acceptor, config, adm) = (acceptor.clone(), config.clone(), admission.clone());
@@ -106,12 +107,12 @@ async fn accept_loop(
             };
             admission.spawned(id, task.abort_handle());
         }
-        // Far enough to never fire; `if` disables the branch anyway.
         let wake = admission.next_wake();
+        // Never reached: the branch is disabled without a wake-up time.
         let at = wake.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             accepted = tcp.accept() => match accepted {
-                Ok((sock, addr)) => admission.arrive(sock, addr),
+                Ok(x) => arrived = Some(x),
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");

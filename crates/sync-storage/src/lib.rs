@@ -114,11 +114,11 @@ pub(crate) struct OwnerState {
 /// SQLite rolls a transaction back by itself when a COMMIT fails with
 /// `SQLITE_FULL` (a full disk), or when such a statement cannot be undone
 /// alone; sqlx does not notice, its own ROLLBACK then fails, and it keeps
-/// counting the transaction as open: every later `begin` would become a
-/// savepoint of a transaction that does not exist (measured: the next
-/// batch "committed" but never became visible). A connection still counted
-/// in a transaction once its pending rollback has run is closed instead;
-/// the pool opens a fresh one.
+/// counting the transaction as open: every later `begin` becomes a
+/// savepoint of a transaction that does not exist (seen on a full tmpfs: a
+/// batch applied after space returned was reported committed, yet readers
+/// never saw it). A connection still counted in a transaction once its
+/// pending rollback has run is closed instead; the pool opens a fresh one.
 async fn writer_in_sync(conn: &mut SqliteConnection) -> std::result::Result<bool, sqlx::Error> {
     // The worker runs commands in order: the queued rollback of a dropped
     // transaction has run when the ping returns.
@@ -268,7 +268,9 @@ impl Store {
 
     /// Caps the library file at its current size plus `extra_pages` pages
     /// (`PRAGMA max_page_count` on the writer; `None` lifts the cap): writes
-    /// past it fail with `SQLITE_FULL`, as on a full disk. Only for tests on
+    /// past it fail with `SQLITE_FULL`, as on a full disk. The cap lasts as
+    /// long as the writer connection: the one reopened after a failed
+    /// transaction (see `writer_in_sync`) has none. Only for tests on
     /// machines that cannot mount a small filesystem.
     #[doc(hidden)]
     pub async fn cap_pages_for_tests(&self, extra_pages: Option<u32>) -> Result<()> {

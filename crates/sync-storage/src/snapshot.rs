@@ -123,8 +123,10 @@ impl Store {
         );
         async move {
             let path = self.inner.snapshots_dir.join(format!("{id}.db"));
-            let built =
-                (self.build_snapshot_file(owner, &path).await).map_err(|e| e.disk_full_at(&path));
+            let built = self
+                .build_snapshot_file(owner, &path)
+                .await
+                .map_err(|e| e.disk_full_at(&path));
             let (index_id, max_seq, records) = match built {
                 Ok(v) => v,
                 Err(e) => {
@@ -271,6 +273,109 @@ impl Store {
         Ok(())
     }
 
+    /// Removes what interrupted or superseded exports left behind: every
+    /// snapshot of an owner but the newest `keep` (manifest row and file),
+    /// manifests whose file is gone, and, when `orphans` is set, files in
+    /// `snapshots/` that no manifest names (an export killed before it
+    /// saved its manifest). Set `orphans` only when no export can be
+    /// running, e.g. at start. Returns the number of files removed.
+    pub async fn prune_snapshots(&self, keep: usize, orphans: bool) -> Result<u64> {
+        let rows = query(
+            &self.inner.reader,
+            "SELECT id, owner, path FROM snapshot ORDER BY owner, created_at DESC, id DESC",
+            vec![],
+        )
+        .await?;
+        let mut kept = std::collections::HashSet::new();
+        let mut drop_ids = Vec::new();
+        let (mut owner, mut rank) = (Vec::new(), 0usize);
+        for row in &rows {
+            let id: Vec<u8> = col(row, 0)?;
+            let o: Vec<u8> = col(row, 1)?;
+            let path = PathBuf::from(col::<String>(row, 2)?);
+            if o != owner {
+                (owner, rank) = (o, 0);
+            }
+            if rank < keep && path.exists() {
+                // By name: the data dir may be spelled differently between runs.
+                kept.insert(path.file_name().map(|n| n.to_os_string()));
+                rank += 1;
+            } else {
+                drop_ids.push((id, path));
+            }
+        }
+        let mut removed = 0u64;
+        if !drop_ids.is_empty() {
+            let _guard = self.inner.write_lock.lock().await;
+            for (id, _) in &drop_ids {
+                exec(
+                    &self.inner.writer,
+                    "DELETE FROM snapshot WHERE id = ?",
+                    vec![Value::Bytes(Some(id.clone()))],
+                )
+                .await?;
+            }
+        }
+        for (_, path) in &drop_ids {
+            if tokio::fs::remove_file(path).await.is_ok() {
+                removed += 1;
+            }
+        }
+        if orphans {
+            let mut dir = tokio::fs::read_dir(&self.inner.snapshots_dir).await?;
+            while let Some(e) = dir.next_entry().await? {
+                let path = e.path();
+                if !kept.contains(&path.file_name().map(|n| n.to_os_string()))
+                    && tokio::fs::remove_file(&path).await.is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, kept = kept.len(), "old snapshot files removed");
+        }
+        Ok(removed)
+    }
+
+    /// Removes downloads the library no longer needs: those whose snapshot
+    /// is covered by what is held of its owner (same index, watermark at or
+    /// above the snapshot's max seq), as a crash after an import committed
+    /// but before its files were removed leaves them. Returns the downloads
+    /// removed. Downloads still useful are kept for resuming.
+    pub async fn prune_downloads(&self) -> Result<u64> {
+        let mut removed = 0;
+        let mut dir = tokio::fs::read_dir(&self.inner.incoming_dir).await?;
+        while let Some(e) = dir.next_entry().await? {
+            let state = e.path();
+            if state.extension().is_none_or(|x| x != "next") {
+                continue;
+            }
+            let text = tokio::fs::read_to_string(&state).await.unwrap_or_default();
+            let fields: Vec<&str> = text.split_whitespace().collect();
+            let [_, _, _, owner, index, max_seq] = fields[..] else {
+                continue;
+            };
+            let (Some(owner), Ok(index), Ok(max_seq)) = (
+                hex::decode(owner).ok().and_then(|b| id16(&b).ok()),
+                index.parse::<u64>(),
+                max_seq.parse::<u64>(),
+            ) else {
+                continue;
+            };
+            let held = self.watermark(DeviceId::from_bytes(owner)).await?;
+            if held.is_some_and(|w| w.index_id == IndexId(index) && w.seq >= Seq(max_seq)) {
+                let _ = tokio::fs::remove_file(state.with_extension("part")).await;
+                let _ = tokio::fs::remove_file(&state).await;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "downloads of snapshots already imported removed");
+        }
+        Ok(removed)
+    }
+
     /// The manifest of a snapshot exported here, if known.
     pub async fn snapshot_manifest(&self, id: SnapshotId) -> Result<Option<SnapshotManifest>> {
         let row = query_one(
@@ -411,32 +516,57 @@ impl Store {
             bytes = offer.bytes
         );
         async move {
-            if self.inner.device.get().map(|d| d.device_id) == Some(offer.owner) {
-                return Err(StorageError::LocalOwner { owner: offer.owner });
-            }
-            if download.next < offer.chunks {
-                return Err(StorageError::Truncated {
-                    have: download.next,
-                    need: offer.chunks,
-                });
-            }
+            let next = download.next;
             let SnapshotDownload {
                 part, state, file, ..
             } = download;
             drop(file);
-            let p = part.clone();
-            tokio::task::spawn_blocking(move || verify_file(&p, &offer))
-                .await
-                .map_err(io_err)??;
-            check_snapshot_db(&part, &offer).await?;
-            sync_core::crash_point("import.verified");
-            let w = (self.copy_snapshot(&part, &offer).await)
-                .map_err(|e| e.disk_full_at(self.path()))?;
-            sync_core::crash_point("import.copied");
-            let _ = tokio::fs::remove_file(&part).await;
-            let _ = tokio::fs::remove_file(&state).await;
-            tracing::info!(index = %w.index_id, seq = w.seq.0, "snapshot imported");
-            Ok(w)
+            let result = async {
+                if self.inner.device.get().map(|d| d.device_id) == Some(offer.owner) {
+                    return Err(StorageError::LocalOwner { owner: offer.owner });
+                }
+                if next < offer.chunks {
+                    return Err(StorageError::Truncated {
+                        have: next,
+                        need: offer.chunks,
+                    });
+                }
+                let p = part.clone();
+                tokio::task::spawn_blocking(move || verify_file(&p, &offer))
+                    .await
+                    .map_err(io_err)??;
+                check_snapshot_db(&part, &offer).await?;
+                sync_core::crash_point("import.verified");
+                let w = self
+                    .copy_snapshot(&part, &offer)
+                    .await
+                    .map_err(|e| e.disk_full_at(self.path()))?;
+                sync_core::crash_point("import.copied");
+                Ok(w)
+            }
+            .await;
+            // An imported download is done with; a refused one would be
+            // refused again (same bytes): both go. One that failed for want
+            // of chunks, space or IO stays, to resume.
+            let keep = matches!(
+                result,
+                Err(StorageError::Truncated { .. }
+                    | StorageError::DiskFull { .. }
+                    | StorageError::Io(_))
+            );
+            if !keep {
+                let _ = tokio::fs::remove_file(&part).await;
+                let _ = tokio::fs::remove_file(&state).await;
+            }
+            // SQLite's side files, should ATTACH have made any.
+            for side in ["part-wal", "part-shm", "part-journal"] {
+                let _ = tokio::fs::remove_file(part.with_extension(side)).await;
+            }
+            match &result {
+                Ok(w) => tracing::info!(index = %w.index_id, seq = w.seq.0, "snapshot imported"),
+                Err(e) => tracing::warn!(cause = %e, kept = keep, "snapshot import refused"),
+            }
+            result
         }
         .instrument(span)
         .await
@@ -567,6 +697,9 @@ async fn check_snapshot_db(path: &Path, offer: &SnapshotOfferInfo) -> Result<()>
         SqliteConnectOptions::new()
             .filename(path)
             .read_only(true)
+            // Nothing else writes it: no -wal/-shm files, even if the
+            // peer's file claims WAL mode.
+            .immutable(true)
             .foreign_keys(false),
     )
     .await
@@ -694,7 +827,17 @@ fn write_state(state: &Path, next: u32, offer: &SnapshotOfferInfo) -> std::io::R
     let tmp = state.with_extension("next.tmp");
     {
         let mut f = File::create(&tmp)?;
-        writeln!(f, "{next} {} {}", hex::encode(offer.hash), offer.bytes)?;
+        // `next hash bytes` resume the download; `owner index_id max_seq`
+        // tell `prune_downloads` when the library no longer needs it.
+        writeln!(
+            f,
+            "{next} {} {} {} {} {}",
+            hex::encode(offer.hash),
+            offer.bytes,
+            hex::encode(offer.owner.to_bytes()),
+            offer.index_id.0,
+            offer.max_seq.0
+        )?;
         f.sync_data()?;
     }
     std::fs::rename(&tmp, state)

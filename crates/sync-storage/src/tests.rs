@@ -1194,20 +1194,25 @@ async fn full_disk_refuses_a_batch_whole_and_it_applies_once_space_returns() {
     let before = state(&b).await;
     space.leave_free(&b, 512).await;
 
-    // ~20K rows of ~250 bytes do not fit in 512 KiB: refused whole.
+    // ~20K rows of ~250 bytes do not fit in 512 KiB: refused whole, and
+    // again when retried (as a peer does while the disk stays full).
     let big = records_between(&a, owner, Seq(500), max).await;
-    let e = b
-        .apply_batch(owner, idx, Seq(500), max, big.clone())
-        .await
-        .unwrap_err();
-    assert_disk_full(&e, b.path());
-    assert_eq!(state(&b).await, before);
-    assert_eq!(
-        b.watermark(owner).await.unwrap(),
-        Some(Watermark::new(idx, Seq(500)))
-    );
+    for _ in 0..2 {
+        let e = b
+            .apply_batch(owner, idx, Seq(500), max, big.clone())
+            .await
+            .unwrap_err();
+        assert_disk_full(&e, b.path());
+        assert_eq!(state(&b).await, before);
+        assert_eq!(
+            b.watermark(owner).await.unwrap(),
+            Some(Watermark::new(idx, Seq(500)))
+        );
+    }
 
-    // A smaller batch applies whole or not at all.
+    // A smaller batch applies whole or not at all. Regression: sqlx went on
+    // counting the transactions SQLite had rolled back itself, and the
+    // commits that followed were reported but never seen by readers.
     let small = records_between(&a, owner, Seq(500), Seq(700)).await;
     match b.apply_batch(owner, idx, Seq(500), Seq(700), small).await {
         Ok(w) => {
@@ -1344,4 +1349,86 @@ async fn full_disk_during_snapshot_download_or_import_changes_nothing() {
         before.0.iter().find(|s| s.owner == other).unwrap().clone()
     );
     b.close().await;
+}
+
+/// Regression (found by the crash schedules, `export.built`): an export
+/// killed after writing its file but before saving its manifest left the
+/// file in `snapshots/` forever, and superseded snapshots were never
+/// removed. `prune_snapshots` at start removes both.
+#[tokio::test]
+async fn orphaned_and_superseded_snapshot_files_are_pruned() {
+    let dir = TempDir::new().unwrap();
+    let (a, me) = populated(&dir, "a", 500).await;
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        made.push(a.export_snapshot(me).await.unwrap());
+    }
+    // What a crash between writing the file and saving the manifest leaves.
+    let orphan = a.snapshots_dir().join("killed-export.db");
+    std::fs::copy(&made[0].path, &orphan).unwrap();
+    let files = || std::fs::read_dir(a.snapshots_dir()).unwrap().count();
+    assert_eq!(files(), 4);
+    // While exports may run, unnamed files are kept; the oldest is dropped.
+    assert_eq!(a.prune_snapshots(2, false).await.unwrap(), 1);
+    assert!(orphan.exists() && !made[0].path.exists());
+    assert_eq!(a.snapshot_manifest(made[0].id).await.unwrap(), None);
+    // At start, the orphan goes too; the two newest stay usable.
+    assert_eq!(a.prune_snapshots(2, true).await.unwrap(), 1);
+    assert!(!orphan.exists());
+    assert_eq!(files(), 2);
+    for m in &made[1..] {
+        assert_eq!(a.snapshot_manifest(m.id).await.unwrap().as_ref(), Some(m));
+        assert!(m.path.exists());
+    }
+    // A manifest whose file is gone is dropped.
+    std::fs::remove_file(&made[1].path).unwrap();
+    a.prune_snapshots(2, true).await.unwrap();
+    assert_eq!(a.snapshot_manifest(made[1].id).await.unwrap(), None);
+    assert_eq!(
+        a.snapshot_manifest(made[2].id).await.unwrap().as_ref(),
+        Some(&made[2])
+    );
+}
+
+/// Regression (found by the crash schedules, `import.copied`): a receiver
+/// killed after an import committed but before it removed the download
+/// kept the `.part` and `.next` files forever. `prune_downloads` removes a
+/// download once the library holds its snapshot, and keeps one still needed.
+#[tokio::test]
+async fn downloads_of_imported_snapshots_are_pruned_and_others_kept() {
+    let dir = TempDir::new().unwrap();
+    let (a, me) = populated(&dir, "a", 800).await;
+    let (b, _) = device(&dir, "b").await;
+    let m = a.export_snapshot(me).await.unwrap();
+    // A complete download, as the crash leaves it: files kept, import done.
+    let mut d = b.begin_download(&m.offer()).await.unwrap();
+    while !d.is_complete() {
+        let i = d.next_chunk();
+        let (hash, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
+        d.write_chunk(i, hash, &data).await.unwrap();
+    }
+    let files = |s: &Store| {
+        let mut names: Vec<_> = std::fs::read_dir(s.incoming_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let left = files(&b);
+    assert_eq!(left.len(), 2, "{left:?}");
+    let saved: Vec<_> = left
+        .iter()
+        .map(|n| (n.clone(), std::fs::read(b.incoming_dir().join(n)).unwrap()))
+        .collect();
+    // Not imported yet: the download is still needed.
+    assert_eq!(b.prune_downloads().await.unwrap(), 0);
+    assert_eq!(files(&b), left);
+    b.import_snapshot(d).await.unwrap();
+    assert!(files(&b).is_empty());
+    for (n, bytes) in &saved {
+        std::fs::write(b.incoming_dir().join(n), bytes).unwrap();
+    }
+    assert_eq!(b.prune_downloads().await.unwrap(), 1);
+    assert!(files(&b).is_empty());
 }
