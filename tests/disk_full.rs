@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sync_actors::SyncEvent;
+use sync_actors::{EngineConfig, SyncEvent};
 use sync_core::{DeviceId, Fingerprint, Seq};
 use sync_storage::Store;
 
@@ -160,7 +160,9 @@ async fn receiver_disk_fills_mid_transfer_then_resumes_when_space_returns() {
             root.path().join("device-1")
         }
     };
-    let devices = spawn_devices_at(&[root.path().join("device-0"), b_dir], |_| {}).await;
+    // Backoff capped low, so ten refused sessions take seconds, not minutes.
+    let configure = |c: &mut EngineConfig| c.backoff_max = Duration::from_millis(400);
+    let devices = spawn_devices_at(&[root.path().join("device-0"), b_dir], configure).await;
     let (a, b) = (&devices[0], &devices[1]);
     let range = generate(a, ENTRIES, 11).await;
 
@@ -192,10 +194,22 @@ async fn receiver_disk_fills_mid_transfer_then_resumes_when_space_returns() {
 
     // The dialer keeps reconnecting while the disk is full; every session is
     // refused the same way and the library stays put.
+    // Regression (found here): each refused session reset the redial
+    // backoff, so B redialed every ~170 ms for as long as the disk stayed
+    // full. Now the gaps grow: before the last refusal B waited at least
+    // backoff(REFUSALS - 1).
     if disk.is_some() {
+        let mut last = Instant::now();
+        let mut gap = Duration::ZERO;
         for _ in 1..REFUSALS {
             refused_for_space(&mut events).await;
+            gap = last.elapsed();
+            last = Instant::now();
         }
+        let mut config = EngineConfig::new(&b.dir);
+        configure(&mut config);
+        let floor = config.backoff(REFUSALS as u32 - 1);
+        assert!(gap >= floor, "redial did not back off: {gap:?} < {floor:?}");
         assert_eq!(assert_whole_batches(a, b, stopped_before).await, held);
     }
 

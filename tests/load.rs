@@ -4,7 +4,8 @@
 //! peers converge on the sender's library record by record, and the
 //! sender's peak resident memory stays bounded.
 //!
-//! `cargo test -p sync-tests load -- --nocapture` prints the figures.
+//! `cargo test -p sync-tests load -- --nocapture` prints the figures;
+//! `LOAD_ROUNDS=40` runs ten times longer.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -100,15 +101,22 @@ fn one_device_serves_eight_peers_while_it_keeps_indexing() {
             }
         }
     };
-    for round in 0..4 {
+    // `LOAD_ROUNDS` runs longer (peak memory should not grow with it).
+    let rounds = std::env::var("LOAD_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4u32);
+    for round in 0..rounds {
         let until = Instant::now() + Duration::from_millis(700);
         while Instant::now() < until {
             tend(&mut receivers, &mut sessions, &mut peak_rss);
             std::thread::sleep(Duration::from_millis(25));
         }
         make_folder(&folder.join(format!("round{round}")), 2_000, &mut rng);
-        if round == 2 {
-            std::fs::remove_dir_all(folder.join("round0")).expect("remove round0");
+        if round >= 2 {
+            // Deletes too: an earlier round's folder goes.
+            std::fs::remove_dir_all(folder.join(format!("round{}", round - 2)))
+                .expect("remove a round");
         }
     }
     // An index run that started after the last change, then one last sync
@@ -140,7 +148,7 @@ fn one_device_serves_eight_peers_while_it_keeps_indexing() {
     let want = count_paths(&folder);
     let check = compare_all(&a, &peers, a_id, want);
     eprintln!(
-        "load: peers={PEERS} sessions={} entries={want} records_compared={} lost={} \
+        "load: peers={PEERS} rounds={rounds} sessions={} entries={want} records_compared={} lost={} \
          duplicated={} older={} differing={} sender_peak_rss_kb={peak_hwm}",
         sessions + PEERS as u64,
         check.compared,

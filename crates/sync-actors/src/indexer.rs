@@ -116,7 +116,8 @@ impl Handler<IndexPath> for Indexer {
                     ),
                 );
                 let existing = match &location {
-                    Some(l) => shared.store.location_entries(l.id).await?,
+                    // Live entries only: a path deleted and created again gets a new id.
+                    Some(l) => shared.store.live_location_entries(l.id).await?,
                     None => Vec::new(),
                 };
                 let progress = msg.progress.clone();

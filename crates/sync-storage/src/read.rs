@@ -252,15 +252,33 @@ impl Store {
         rows.iter().map(location_from_row).collect()
     }
 
-    /// Every entry row of a location, tombstones included (the indexer diffs against it).
+    /// Every entry row of a location, tombstones included, in id order.
     pub async fn location_entries(&self, location: LocationId) -> Result<Vec<Entry>> {
-        let rows = query(
-            &self.inner.reader,
-            format!("SELECT {ENTRY_COLUMNS} FROM entry WHERE location = ? ORDER BY id"),
-            vec![blob(location.to_bytes())],
-        )
-        .await?;
-        rows.iter().map(entry_from_row).collect()
+        self.entries_of(location, false).await
+    }
+
+    /// The live entries (no tombstones) of a location, in id order: what an
+    /// index walk compares the folder with. Its memory follows the folder,
+    /// not the history of deletes.
+    pub async fn live_location_entries(&self, location: LocationId) -> Result<Vec<Entry>> {
+        self.entries_of(location, true).await
+    }
+
+    async fn entries_of(&self, location: LocationId, live_only: bool) -> Result<Vec<Entry>> {
+        use futures::TryStreamExt as _;
+        // Streamed row by row: collecting the rows first (sea-orm) held
+        // ~2 KB per row at once, which set the indexer's peak memory.
+        let mut conn = self.inner.reader_pool.acquire().await.map_err(db_err)?;
+        let live = if live_only { " AND deleted = 0" } else { "" };
+        let sql = format!("SELECT {ENTRY_COLUMNS} FROM entry WHERE location = ?{live} ORDER BY id");
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(location.to_bytes().to_vec())
+            .fetch(&mut *conn);
+        let mut entries = Vec::new();
+        while let Some(row) = rows.try_next().await.map_err(db_err)? {
+            entries.push(entry_from_row(&row)?);
+        }
+        Ok(entries)
     }
 }
 

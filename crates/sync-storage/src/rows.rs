@@ -86,29 +86,34 @@ pub(crate) const ENTRY_COLUMNS: &str =
 /// Columns of a location row, in the order `location_from_row` reads them.
 pub(crate) const LOCATION_COLUMNS: &str = "id, owner, path, name, seq, deleted";
 
-/// An entry from a row selected with [`ENTRY_COLUMNS`].
-pub(crate) fn entry_from_row(row: &QueryResult) -> Result<Entry> {
-    let kind_code: i64 = col(row, 4)?;
+/// An entry from a row selected with [`ENTRY_COLUMNS`] (read straight
+/// from sqlx: no intermediate copy of the row's values).
+pub(crate) fn entry_from_row(row: &sea_orm::sqlx::sqlite::SqliteRow) -> Result<Entry> {
+    use sea_orm::sqlx::Row as _;
+    let get_err = |e: sea_orm::sqlx::Error| StorageError::Corrupt(format!("entry row: {e}"));
+    let kind_code: i64 = row.try_get(4).map_err(get_err)?;
     let kind = u8::try_from(kind_code)
         .ok()
         .and_then(EntryKind::from_code)
         .ok_or_else(|| StorageError::Corrupt(format!("unknown entry kind {kind_code}")))?;
-    let parent: Option<Vec<u8>> = col(row, 2)?;
+    let id: &[u8] = row.try_get(0).map_err(get_err)?;
+    let location: &[u8] = row.try_get(1).map_err(get_err)?;
+    let parent: Option<&[u8]> = row.try_get(2).map_err(get_err)?;
     Ok(Entry {
-        id: EntryId::from_bytes(id16(&col::<Vec<u8>>(row, 0)?)?),
-        location: LocationId::from_bytes(id16(&col::<Vec<u8>>(row, 1)?)?),
+        id: EntryId::from_bytes(id16(id)?),
+        location: LocationId::from_bytes(id16(location)?),
         parent: match parent {
-            Some(p) => Some(EntryId::from_bytes(id16(&p)?)),
+            Some(p) => Some(EntryId::from_bytes(id16(p)?)),
             None => None,
         },
-        name: col(row, 3)?,
+        name: row.try_get(3).map_err(get_err)?,
         kind,
-        size: i2u(col(row, 5)?),
-        inode: col::<Option<i64>>(row, 6)?.map(i2u),
-        created_at: micros::from_micros(col(row, 7)?),
-        modified_at: micros::from_micros(col(row, 8)?),
-        seq: Seq(i2u(col(row, 9)?)),
-        deleted: col(row, 10)?,
+        size: i2u(row.try_get(5).map_err(get_err)?),
+        inode: row.try_get::<Option<i64>, _>(6).map_err(get_err)?.map(i2u),
+        created_at: micros::from_micros(row.try_get(7).map_err(get_err)?),
+        modified_at: micros::from_micros(row.try_get(8).map_err(get_err)?),
+        seq: Seq(i2u(row.try_get(9).map_err(get_err)?)),
+        deleted: row.try_get(10).map_err(get_err)?,
     })
 }
 
