@@ -179,7 +179,7 @@ fn random_plan(rng: &mut StdRng, tally: &mut Tally) -> FaultPlan {
                 "cut_at_frame"
             }
             1 => {
-                plan.cut_after_bytes = Some(rng.random_range(64..3_000_000));
+                plan.cut_after_bytes = Some(rng.random_range(64..800_000));
                 "cut_at_byte"
             }
             2 => {
@@ -192,7 +192,7 @@ fn random_plan(rng: &mut StdRng, tally: &mut Tally) -> FaultPlan {
                 "stall"
             }
             4 => {
-                plan.flip_byte_at = Some(rng.random_range(0..3_000_000));
+                plan.flip_byte_at = Some(rng.random_range(0..400_000));
                 "flip_byte"
             }
             5 | 6 => {

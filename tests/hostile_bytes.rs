@@ -150,7 +150,7 @@ fn sample_records(owner: DeviceId, n: u64, seed: u64) -> Vec<Record> {
     out
 }
 
-/// A stream of valid frames covering plain and lz4 payloads.
+/// A stream of valid frames covering plain and lz4-compressed frames.
 fn valid_stream(seed: u64) -> (Vec<Message>, Vec<u8>) {
     let owner = DeviceId::new_v7();
     let records = sample_records(owner, 1 + seed % 40, seed);
@@ -177,9 +177,10 @@ fn valid_stream(seed: u64) -> (Vec<Message>, Vec<u8>) {
             hash: [9; 32],
             data: vec![b'a'; 600 + seed as usize % 400],
         },
+        // A frame the codec compresses (batches and chunks go as they are).
         Message::Error {
             code: ErrorCode::Malformed,
-            message: "bad".into(),
+            message: "bad ".repeat(150 + seed as usize % 100),
         },
         Message::Keepalive,
     ];

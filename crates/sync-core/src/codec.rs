@@ -115,7 +115,13 @@ impl FrameCodec {
     /// Encodes one message as a complete frame into `dst`.
     pub fn encode_frame(&self, msg: &Message, dst: &mut BytesMut) -> Result<(), EncodeError> {
         let raw = postcard::to_stdvec(msg).map_err(|e| EncodeError::Serialize(e.to_string()))?;
-        let (flags, payload) = if raw.len() >= self.limits.compress_threshold {
+        // Batch payloads and snapshot chunks are lz4 blocks already: a
+        // second pass costs a compression attempt per frame and saves nothing.
+        let packed_inside = matches!(
+            msg,
+            Message::StateBatch { .. } | Message::SnapshotChunk { .. }
+        );
+        let (flags, payload) = if raw.len() >= self.limits.compress_threshold && !packed_inside {
             let packed = compress(&raw);
             if packed.len() < raw.len() {
                 (FLAG_LZ4, packed)

@@ -442,4 +442,16 @@ fn compression_only_when_it_saves_space() {
     let buf = encode(&batch);
     let mut b = buf.clone();
     assert_eq!(FrameCodec::default().decode(&mut b).unwrap(), Some(batch));
+    // Chunks and batch payloads are lz4 blocks already: never compressed
+    // again, however compressible their bytes look.
+    let chunk = Message::SnapshotChunk {
+        id: SnapshotId::new_v7(),
+        index: 1,
+        hash: [0; 32],
+        data: vec![b'a'; 4000],
+    };
+    let buf = encode(&chunk);
+    assert_eq!(buf[4], 0, "a chunk frame is not compressed twice");
+    let mut b = buf.clone();
+    assert_eq!(FrameCodec::default().decode(&mut b).unwrap(), Some(chunk));
 }
