@@ -8,6 +8,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod hostile_bytes;
+mod hostile_orders;
 mod load;
 mod strategies;
 mod tidy;
