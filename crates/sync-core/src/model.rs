@@ -46,12 +46,16 @@ pub mod micros {
     }
 
     /// The timestamp for microseconds since the Unix epoch (saturating at
-    /// chrono's range, so hostile input cannot panic).
+    /// the ends of chrono's range, truncated to whole microseconds so that
+    /// a saturated value encodes back to itself; hostile input cannot panic).
     pub fn from_micros(us: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp_micros(us).unwrap_or(if us < 0 {
-            DateTime::<Utc>::MIN_UTC
-        } else {
-            DateTime::<Utc>::MAX_UTC
+        DateTime::from_timestamp_micros(us).unwrap_or_else(|| {
+            let end = if us < 0 {
+                DateTime::<Utc>::MIN_UTC
+            } else {
+                DateTime::<Utc>::MAX_UTC
+            };
+            DateTime::from_timestamp_micros(end.timestamp_micros()).unwrap_or(end)
         })
     }
 

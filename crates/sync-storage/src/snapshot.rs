@@ -729,6 +729,24 @@ async fn check_snapshot_conn(conn: &DatabaseConnection, offer: &SnapshotOfferInf
                 "table `{table}` has columns {have:?}, expected {expected:?}"
             )));
         }
+        // Declared types are checked as values, before any statement reads
+        // the table: sqlx panics (in its worker thread) preparing a query
+        // whose result column has a non-UTF-8 declared type (found by
+        // fuzzing the import).
+        let odd = query(
+            conn,
+            "SELECT count(*) FROM pragma_table_info(?) \
+             WHERE type NOT IN ('INTEGER', 'BLOB', 'TEXT')",
+            vec![(*table).into()],
+        )
+        .await?;
+        if let Some(r) = odd.first()
+            && col::<i64>(r, 0)? > 0
+        {
+            return Err(StorageError::WrongSchema(format!(
+                "table `{table}` has columns of unexpected declared types"
+            )));
+        }
     }
     let rows = query(
         conn,

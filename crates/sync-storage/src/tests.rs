@@ -1454,3 +1454,28 @@ async fn live_location_entries_leave_tombstones_out() {
     let want: Vec<_> = all.into_iter().filter(|e| !e.deleted).collect();
     assert_eq!(live, want, "the same rows, in id order");
 }
+
+/// Regression (found by the `snapshot_import` fuzz target): a snapshot whose
+/// schema declares a column type that is not UTF-8 made sqlx panic in its
+/// worker thread while preparing the manifest query. Declared types are now
+/// checked as values first: the file is refused as `WrongSchema`.
+#[tokio::test]
+async fn a_snapshot_with_a_non_utf8_declared_type_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let (a, me) = populated(&dir, "a", 50).await;
+    let (b, _) = device(&dir, "b").await;
+    let before = state(&b).await;
+    let m = a.export_snapshot(me).await.unwrap();
+    let mut bytes = std::fs::read(&m.path).unwrap();
+    // The manifest's first column, which the manifest query reads.
+    let at = bytes
+        .windows(14)
+        .position(|w| w == b"format INTEGER")
+        .expect("the manifest's schema");
+    bytes[at + 13] = 0xFF;
+    let bad = dir.path().join("bad.db");
+    std::fs::write(&bad, &bytes).unwrap();
+    let got = offer_file(&b, &bad, me, m.index_id, m.max_seq, m.entries).await;
+    assert!(matches!(got, Err(StorageError::WrongSchema(_))), "{got:?}");
+    assert_eq!(state(&b).await, before);
+}

@@ -455,3 +455,30 @@ fn compression_only_when_it_saves_space() {
     let mut b = buf.clone();
     assert_eq!(FrameCodec::default().decode(&mut b).unwrap(), Some(chunk));
 }
+
+/// Regression (found by the `frame_decoder` fuzz target): a timestamp beyond
+/// chrono's range saturated to `MAX_UTC`, which carries nanoseconds, so the
+/// decoded message encoded to another one (the wire keeps microseconds).
+#[test]
+fn saturated_timestamps_encode_back_to_themselves() {
+    use crate::model::micros::{from_micros, to_micros};
+    for us in [i64::MAX, i64::MIN, i64::MAX - 1, i64::MIN + 1, 0, -1] {
+        let t = from_micros(us);
+        assert_eq!(from_micros(to_micros(&t)), t, "{us}");
+    }
+    // The fuzzer's input: mode byte 0, no splits, then this stream.
+    let crash: &[u8] = &[
+        0, 0, 0, 75, 0, 2, 61, 0, 0, 0, 0, 0, 128, 0, 5, 132, 142, 123, 255, 255, 255, 255, 255,
+        255, 247, 255, 0, 255, 0, 1, 3, 11, 0, 0, 0, 0, 0, 0, 0, 0, 128, 0, 5, 255, 255, 255, 255,
+        255, 255, 247, 255, 255, 0, 255, 0, 1, 3, 11, 0, 0, 0, 0, 0, 0, 0, 12, 0, 3, 252, 255, 255,
+        187, 253, 255, 255, 255, 255, 1, 0, 0, 2, 255, 255, 255, 255, 255,
+    ];
+    let mut buf = BytesMut::from(crash);
+    let mut decoded = 0;
+    while let Ok(Some(msg)) = FrameCodec::default().decode_eof(&mut buf) {
+        let mut again = encode(&msg);
+        assert_eq!(FrameCodec::default().decode(&mut again).unwrap(), Some(msg));
+        decoded += 1;
+    }
+    assert!(decoded > 0, "the crash input holds a frame");
+}
