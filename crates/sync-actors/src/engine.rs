@@ -450,11 +450,11 @@ fn start_session(
 /// Why a session closed when a newer one to the same peer took its place.
 pub(crate) const REPLACED: &str = "replaced by a newer session";
 
-/// Keeps a dialed peer connected: after each session ends, dials again with
-/// exponential backoff until shutdown.
 /// A session that lasted this long resets the redial backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
+/// Keeps a dialed peer connected: after each session ends, dials again with
+/// exponential backoff until shutdown.
 async fn redial(
     shared: SharedRef,
     supervisor: Addr<TransferSupervisor>,
