@@ -475,10 +475,17 @@ impl Store {
                 .create(true)
                 .truncate(false)
                 .open(&part)?;
-            let have = file.metadata()?.len() / SNAPSHOT_CHUNK_SIZE as u64;
+            // Whole chunks on disk; the last chunk may be short, so a file of
+            // the offer's full size holds every chunk.
+            let len = file.metadata()?.len();
+            let have = if len >= offer.bytes {
+                u64::from(offer.chunks)
+            } else {
+                len / SNAPSHOT_CHUNK_SIZE as u64
+            };
             let next =
                 persisted.map_or(0, |n| u64::from(n).min(have).min(u64::from(offer.chunks))) as u32;
-            file.set_len(u64::from(next) * SNAPSHOT_CHUNK_SIZE as u64)?;
+            file.set_len((u64::from(next) * SNAPSHOT_CHUNK_SIZE as u64).min(offer.bytes))?;
             file.sync_all()?;
             write_state(&state, next, &offer)?;
             Ok((file, next))

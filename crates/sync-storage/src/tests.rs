@@ -737,6 +737,17 @@ async fn snapshot_download_resumes_after_drop() {
         let (h, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
         d.write_chunk(i, h, &data).await.unwrap();
     }
+    // Regression (noticed while building the disk-full tests): a complete
+    // download dropped before its import (a crash there) resumed one chunk
+    // short, because a partial last chunk was not counted as present.
+    assert_ne!(
+        m.bytes % sync_core::SNAPSHOT_CHUNK_SIZE as u64,
+        0,
+        "a partial last chunk"
+    );
+    drop(d);
+    let d = b.begin_download(&m.offer()).await.unwrap();
+    assert!(d.is_complete(), "resumed at chunk {}", d.next_chunk());
     b.import_snapshot(d).await.unwrap();
     assert_eq!(
         b.summary(me).await.unwrap().fingerprint,
