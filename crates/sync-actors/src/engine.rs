@@ -25,7 +25,7 @@ use crate::indexer::walk::IndexReport;
 use crate::indexer::{Commit, IndexPath, Indexer, Progress};
 use crate::peer_session::PeerSession;
 use crate::shared::{Shared, SharedRef};
-use crate::snapshot_exporter::SnapshotExporter;
+use crate::snapshot_exporter::{KEEP_SNAPSHOTS, SnapshotExporter};
 use crate::supervisor::{CloseAll, GetPeers, PeerStatus, Pump, TransferSupervisor};
 
 /// What `status()` reports.
@@ -91,6 +91,16 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         .device()
         .await?
         .ok_or_else(|| EngineError::NotInitialized(config.data_dir.display().to_string()))?;
+    // Clear what a crash left behind, before any export can run (so files
+    // no manifest names are orphans): files of an export killed before its
+    // manifest was saved, superseded snapshots, and downloads of snapshots
+    // whose import committed before the crash.
+    if let Err(e) = store.prune_snapshots(KEEP_SNAPSHOTS, true).await {
+        tracing::warn!(cause = %e, "cannot prune old snapshots");
+    }
+    if let Err(e) = store.prune_downloads().await {
+        tracing::warn!(cause = %e, "cannot prune finished downloads");
+    }
     let identity = Identity::load(&config.identity_dir())?;
     let trust = TrustStore::load(&config.trust_path())?;
     let net = NetConfig::new(
