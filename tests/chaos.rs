@@ -394,6 +394,15 @@ async fn chaos_link_schedules_converge_with_nothing_lost_or_duplicated() {
     }
     eprintln!("{}", tally.line());
     assert!(tally.records.clean(), "{}", tally.line());
+    // A run whose faults never fired would prove little.
+    let fired = tally.fired.counts();
+    let total =
+        fired.cuts + fired.flips + fired.delays + fired.stalls + fired.duplicates + fired.swaps;
+    assert!(
+        tally.schedules < 4 || total >= tally.schedules,
+        "only {total} faults fired: {}",
+        tally.line()
+    );
 }
 
 #[test]
