@@ -24,7 +24,9 @@ use sync_core::{Record, Seq};
 use sync_net::fault::{FaultLog, FaultPlan, memory_pair_with_faults};
 use sync_storage::LocalChange;
 
-use crate::harness::{Device, assert_converged, generate, shutdown, spawn_devices};
+use crate::harness::{
+    Device, assert_converged, generate, shutdown, spawn_devices, synthetic_records,
+};
 
 /// Schedules run by default (in CI); `CHAOS_SCHEDULES` overrides.
 const DEFAULT_SCHEDULES: u64 = 10;
@@ -407,16 +409,7 @@ async fn chaos_link_schedules_converge_with_nothing_lost_or_duplicated() {
 
 #[test]
 fn record_comparison_sees_lost_older_differing_and_duplicated_records() {
-    let mut tree = sync_core::synthetic::SyntheticTree::new(sync_core::DeviceId::new_v7(), 6, 1);
-    let mut owner: Vec<Record> = vec![Record::Location(tree.location())];
-    owner.extend(tree.by_ref().map(Record::Entry));
-    for (i, r) in owner.iter_mut().enumerate() {
-        let seq = Seq(i as u64 + 10);
-        match r {
-            Record::Location(l) => l.seq = seq,
-            Record::Entry(e) => e.seq = seq,
-        }
-    }
+    let owner = synthetic_records(sync_core::DeviceId::new_v7(), 6, 1, Seq(10));
     assert!(compare_records(&owner, &owner).clean());
     let mut receiver = owner.clone();
     receiver.remove(1); // lost

@@ -23,6 +23,7 @@ use sync_core::{DeviceId, Seq};
 use sync_storage::Store;
 
 use crate::chaos::{RecordCheck, compare_records, seeds};
+use crate::harness::assert_same_state;
 
 /// Schedules run by default (in CI): one per kind of moment.
 const DEFAULT_SCHEDULES: u64 = 12;
@@ -540,23 +541,7 @@ fn compare_stores(p: &Pair, folder_entries: Option<u64>) -> RecordCheck {
             b.summary(p.a_id).await.expect("summary b"),
         );
         assert!(sa.local && !sb.local);
-        assert_eq!(
-            (
-                sa.index_id,
-                sa.seq,
-                sa.entries,
-                sa.tombstones,
-                sa.fingerprint
-            ),
-            (
-                sb.index_id,
-                sb.seq,
-                sb.entries,
-                sb.tombstones,
-                sb.fingerprint
-            ),
-            "summaries differ: {sa:?} vs {sb:?}"
-        );
+        assert_same_state(&sa, &sb);
         if let Some(n) = folder_entries {
             assert_eq!(sa.entries, n, "the folder's paths are all indexed");
         }

@@ -2,12 +2,12 @@
 //! "no space left" error, the library keeps whole batches only, and the
 //! transfer resumes by itself once space returns.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sync_actors::{EngineConfig, SyncEvent};
 use sync_core::{DeviceId, Fingerprint, Seq};
 use sync_storage::Store;
+use sync_storage::testing::SmallDisk;
 
 use crate::harness::{
     assert_converged, connect, generate, shutdown, spawn_devices_at, wait_event, wait_for_watermark,
@@ -26,69 +26,6 @@ const ROOM_KIB: u64 = 6_144;
 const REFUSALS: usize = 10;
 /// B's disk once space returns.
 const GROWN_KIB: u64 = 256 * 1024;
-
-/// A size-limited tmpfs mounted on a temporary directory: a real disk that
-/// fills up. Unmounted (lazily) on drop. Mounting needs root.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    /// Mounts a tmpfs of `kib` KiB, or `None` where mounting is not permitted.
-    fn mount(kib: u64) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then_some(SmallDisk { dir })
-    }
-
-    /// Resizes the filesystem (not below what it holds).
-    fn resize(&self, kib: u64) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={kib}k")])
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "remount to {kib} KiB failed");
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// KiB held by the files on it (tmpfs allocates whole pages).
-    fn used_kib(&self) -> u64 {
-        fn walk(dir: &Path) -> u64 {
-            use std::os::unix::fs::MetadataExt as _;
-            std::fs::read_dir(dir)
-                .expect("read dir")
-                .map(|e| {
-                    let e = e.expect("dir entry");
-                    let m = e.metadata().expect("metadata");
-                    if m.is_dir() {
-                        walk(&e.path())
-                    } else {
-                        m.blocks() * 512
-                    }
-                })
-                .sum()
-        }
-        walk(self.path()).div_ceil(1024)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 /// The fingerprint and live entry count of `owner`'s records with `seq <= last`, as `store` holds them.
 async fn prefix_of(store: &Store, owner: DeviceId, last: Seq) -> (Fingerprint, u64) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sync_actors::{EngineConfig, SyncEngine, SyncEvent, init_device};
 use sync_core::synthetic::SyntheticTree;
-use sync_core::{DeviceId, LibraryId, Seq};
+use sync_core::{DeviceId, LibraryId, Record, Seq};
 use sync_net::TrustStore;
 use sync_storage::{LocalChange, OwnerSummary, SeqRange, Store};
 use tempfile::TempDir;
@@ -117,16 +117,28 @@ pub async fn assert_logged(parts: &[&str]) {
 
 /// `n` devices of one library, every pair trusting each other, engines started.
 pub async fn spawn_devices(n: usize, configure: impl Fn(&mut EngineConfig)) -> Vec<Device> {
-    init_tracing();
     let tmp = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let dirs: Vec<PathBuf> = (0..n)
+        .map(|i| tmp.path().join(format!("device-{i}")))
+        .collect();
+    spawn_in(tmp, &dirs, configure).await
+}
+
+/// Devices of one library in `dirs`, every pair trusting each other,
+/// engines started; each device holds `tmp` alive.
+async fn spawn_in(
+    tmp: std::sync::Arc<TempDir>,
+    dirs: &[PathBuf],
+    configure: impl Fn(&mut EngineConfig),
+) -> Vec<Device> {
+    init_tracing();
     let library = LibraryId::new_v7();
     let mut made = Vec::new();
-    for i in 0..n {
-        let dir = tmp.path().join(format!("device-{i}"));
-        let (info, fp) = init_device(&dir, &format!("device-{i}"), Some(library))
+    for (i, dir) in dirs.iter().enumerate() {
+        let (info, fp) = init_device(dir, &format!("device-{i}"), Some(library))
             .await
             .expect("init device");
-        made.push((dir, info, fp));
+        made.push((dir.clone(), info, fp));
     }
     for (dir, info, _) in &made {
         let trust = TrustStore::load(&EngineConfig::new(dir).trust_path()).expect("trust store");
@@ -149,6 +161,22 @@ pub async fn spawn_devices(n: usize, configure: impl Fn(&mut EngineConfig)) -> V
         });
     }
     devices
+}
+
+/// A synthetic location of `owner` and its `entries` entries as records,
+/// numbered with consecutive seqs from `first` (as a peer would send them).
+pub fn synthetic_records(owner: DeviceId, entries: u64, seed: u64, first: Seq) -> Vec<Record> {
+    let mut tree = SyntheticTree::new(owner, entries, seed);
+    let mut records = vec![Record::Location(tree.location())];
+    records.extend(tree.by_ref().map(Record::Entry));
+    for (i, r) in records.iter_mut().enumerate() {
+        let seq = Seq(first.0 + i as u64);
+        match r {
+            Record::Location(l) => l.seq = seq,
+            Record::Entry(e) => e.seq = seq,
+        }
+    }
+    records
 }
 
 /// Commits a synthetic location of `entries` entries on `device`.
@@ -197,6 +225,13 @@ pub async fn assert_converged(owner: &Device, receiver: &Device) -> OwnerSummary
         .summary(owner.id)
         .await
         .expect("receiver summary");
+    assert_same_state(&want, &got);
+    want
+}
+
+/// Asserts a receiver's summary of an owner equals the owner's own:
+/// fingerprint, counts, watermark and index (not the `local` flag).
+pub fn assert_same_state(want: &OwnerSummary, got: &OwnerSummary) {
     assert_eq!(got.fingerprint, want.fingerprint, "fingerprints differ");
     assert_eq!(got.entries, want.entries, "entry counts differ");
     assert_eq!(got.tombstones, want.tombstones, "tombstone counts differ");
@@ -205,7 +240,6 @@ pub async fn assert_converged(owner: &Device, receiver: &Device) -> OwnerSummary
         "watermark differs from the owner's max seq"
     );
     assert_eq!(got.index_id, want.index_id, "index ids differ");
-    want
 }
 
 /// Collects events until `pred` returns true for one; panics after `timeout`.
@@ -247,36 +281,7 @@ pub async fn spawn_devices_at(
     dirs: &[PathBuf],
     configure: impl Fn(&mut EngineConfig),
 ) -> Vec<Device> {
-    init_tracing();
     // `Device` holds a temporary directory; these devices live elsewhere.
     let tmp = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
-    let library = LibraryId::new_v7();
-    let mut made = Vec::new();
-    for (i, dir) in dirs.iter().enumerate() {
-        let (info, fp) = init_device(dir, &format!("device-{i}"), Some(library))
-            .await
-            .expect("init device");
-        made.push((dir.clone(), info, fp));
-    }
-    for (dir, info, _) in &made {
-        let trust = TrustStore::load(&EngineConfig::new(dir).trust_path()).expect("trust store");
-        for (_, other, fp) in &made {
-            if other.device_id != info.device_id {
-                trust.trust(*fp, Some(other.device_id)).expect("trust");
-            }
-        }
-    }
-    let mut devices = Vec::new();
-    for (dir, info, _) in made {
-        let mut config = EngineConfig::new(&dir);
-        configure(&mut config);
-        let engine = SyncEngine::start(config).await.expect("start engine");
-        devices.push(Device {
-            dir,
-            engine,
-            id: info.device_id,
-            _tmp: tmp.clone(),
-        });
-    }
-    devices
+    spawn_in(tmp, dirs, configure).await
 }

@@ -16,12 +16,13 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sync_core::{
     DeviceId, ErrorCode, IndexId, LibraryId, LocationId, Message, PROTOCOL_VERSION, Record, Seq,
-    SnapshotId, TransferId, encode_records, synthetic::SyntheticTree,
+    SnapshotId, TransferId, encode_records,
 };
 use sync_net::dial;
 
 use crate::harness::{
-    Device, assert_converged, generate, shutdown, spawn_devices, wait_for_watermark,
+    Device, assert_converged, generate, shutdown, spawn_devices, synthetic_records,
+    wait_for_watermark,
 };
 
 /// Pools the messages draw from.
@@ -147,16 +148,7 @@ fn random_message_orders_from_a_trusted_peer_break_nothing() {
         .block_on(a.engine.listen("127.0.0.1:0"))
         .expect("listen")
         .to_string();
-    let mut tree = SyntheticTree::new(mallory.id, 20, 8);
-    let mut records = vec![Record::Location(tree.location())];
-    records.extend(tree.by_ref().map(Record::Entry));
-    for (i, r) in records.iter_mut().enumerate() {
-        let s = Seq(i as u64 + 1);
-        match r {
-            Record::Location(l) => l.seq = s,
-            Record::Entry(e) => e.seq = s,
-        }
-    }
+    let records = synthetic_records(mallory.id, 20, 8, Seq(1));
     let pools = Pools {
         owners: [mallory.id, a.id, carol.id, DeviceId::new_v7()],
         transfers: [

@@ -17,6 +17,7 @@ use sync_storage::Store;
 
 use crate::chaos::{RecordCheck, compare_records};
 use crate::crash::{Proc, free_addr, init_devices, make_folder, spawn, wait_listening};
+use crate::harness::assert_same_state;
 
 const PEERS: usize = 8;
 /// A generous ceiling on the sender's peak RSS: far above what it needs
@@ -186,23 +187,8 @@ fn compare_all(a: &Path, peers: &[PathBuf], owner: DeviceId, want_entries: u64) 
         for (i, p) in peers.iter().enumerate() {
             let store = open(p).await;
             let got = store.summary(owner).await.expect("summary");
-            assert_eq!(
-                (
-                    got.index_id,
-                    got.seq,
-                    got.entries,
-                    got.tombstones,
-                    got.fingerprint
-                ),
-                (
-                    summary.index_id,
-                    summary.seq,
-                    summary.entries,
-                    summary.tombstones,
-                    summary.fingerprint
-                ),
-                "peer {i} differs"
-            );
+            eprintln!("load: checking peer {i}");
+            assert_same_state(&summary, &got);
             let held = store
                 .records_after(owner, Seq::ZERO, usize::MAX)
                 .await

@@ -28,6 +28,8 @@ mod snapshot;
 mod types;
 mod write;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -1041,68 +1041,7 @@ async fn checkpoint_truncates_the_wal() {
 
 // ---------------------------------------------------------------- full disk
 
-/// A size-limited tmpfs mounted on a temporary directory: a real disk that
-/// fills up. Unmounted (lazily) on drop. Mounting needs root.
-struct SmallDisk {
-    dir: TempDir,
-}
-
-impl SmallDisk {
-    /// Mounts a tmpfs of `kib` KiB, or `None` where mounting is not permitted.
-    fn mount(kib: u64) -> Option<SmallDisk> {
-        let dir = TempDir::new().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then_some(SmallDisk { dir })
-    }
-
-    /// Resizes the filesystem (not below what it holds).
-    fn resize(&self, kib: u64) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={kib}k")])
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "remount to {kib} KiB failed");
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// KiB held by the files on it (tmpfs allocates whole pages).
-    fn used_kib(&self) -> u64 {
-        fn walk(dir: &Path) -> u64 {
-            use std::os::unix::fs::MetadataExt as _;
-            std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| {
-                    let e = e.unwrap();
-                    let m = e.metadata().unwrap();
-                    if m.is_dir() {
-                        walk(&e.path())
-                    } else {
-                        m.blocks() * 512
-                    }
-                })
-                .sum()
-        }
-        walk(self.path()).div_ceil(1024)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+use crate::testing::SmallDisk;
 
 /// Where a full disk is simulated: a small tmpfs, or (where mounting is not
 /// permitted) SQLite's `max_page_count` on the library's writer.
