@@ -22,6 +22,7 @@ pub mod model;
 pub mod records;
 mod strategy;
 pub mod synthetic;
+pub mod untrusted;
 
 pub use codec::{FrameCodec, Limits};
 pub use crash::crash_point;
