@@ -167,6 +167,9 @@ pub enum StorageError {
     /// The snapshot is SQLite but not a snapshot of this format.
     #[error("snapshot file does not have the snapshot schema: {0}")]
     WrongSchema(String),
+    /// SQLite refused the snapshot file, or checking it ran past its deadline.
+    #[error("snapshot file refused: {0}")]
+    BadSnapshot(String),
     /// The snapshot's manifest row or content disagrees with the offer or itself.
     #[error("snapshot manifest disagrees: {0}")]
     ManifestMismatch(String),

@@ -21,7 +21,9 @@
 mod bulk;
 mod checkpoint;
 mod error;
+mod import;
 mod migration;
+mod perms;
 mod read;
 mod rows;
 mod snapshot;
@@ -42,19 +44,21 @@ use sea_orm::sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
-use sea_orm::{DatabaseConnection, SqlxSqliteConnector, Value};
+use sea_orm::{DatabaseConnection, SqlxSqliteConnector};
 use sea_orm_migration::MigratorTrait;
 use sync_core::{DeviceId, IndexId, LibraryId, Seq, Watermark};
 use tracing::Instrument;
 
 pub use error::{Result, StorageError};
 pub use migration::Migrator;
-pub use snapshot::SnapshotDownload;
+pub use import::{MAX_NAME_BYTES, MAX_PATH_BYTES};
+pub use snapshot::{SNAPSHOT_BYTES_PER_RECORD, SnapshotDownload, max_snapshot_bytes};
 pub use types::{
     Checkpoint, ChunkInfo, DeviceInfo, Direction, LocalChange, OwnerSummary, SeqRange,
     SnapshotManifest, SnapshotOfferInfo, TransferState,
 };
 
+use perms::private_file;
 use rows::{blob, col, exec, i2u, id16, query, query_one, u2i};
 
 /// Read connections in the pool (the machine class has 2 cores).
@@ -93,7 +97,14 @@ struct Inner {
     incoming_dir: PathBuf,
     /// The local device, once known (it never changes afterwards).
     device: OnceLock<DeviceInfo>,
+    /// Tests: runs with the download's path once its private copy is made.
+    #[cfg(test)]
+    import_hook: std::sync::Mutex<Option<ImportHook>>,
 }
+
+/// A test's action on a download's file during its import.
+#[cfg(test)]
+pub(crate) type ImportHook = Box<dyn Fn(&Path) + Send + Sync>;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,6 +143,29 @@ async fn writer_in_sync(conn: &mut SqliteConnection) -> std::result::Result<bool
     Ok(in_sync)
 }
 
+/// The data directory, `snapshots/` and `incoming/` owner-only (0700); the
+/// library file and its WAL owner-only (0600), created so if new (SQLite
+/// would create it 0644, and its -wal and -shm files take its mode).
+fn make_private(dir: &Path, snapshots: &Path, incoming: &Path, db_path: &Path) -> Result<()> {
+    for d in [dir, snapshots, incoming] {
+        perms::private_dir(d)?;
+    }
+    match private_file(db_path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mut name = db_path.as_os_str().to_os_string();
+            perms::tighten(db_path, perms::FILE_MODE)?;
+            for side in ["-wal", "-shm"] {
+                name.push(side);
+                perms::tighten(Path::new(&name), perms::FILE_MODE)?;
+                name = db_path.as_os_str().to_os_string();
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 /// Base connect options of the library file.
 fn connect_options(db_path: &Path) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
@@ -154,11 +188,9 @@ impl Store {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),
             };
-            tokio::fs::create_dir_all(&dir).await?;
             let snapshots_dir = dir.join("snapshots");
             let incoming_dir = dir.join("incoming");
-            tokio::fs::create_dir_all(&snapshots_dir).await?;
-            tokio::fs::create_dir_all(&incoming_dir).await?;
+            make_private(&dir, &snapshots_dir, &incoming_dir, db_path)?;
 
             let writer_opts = connect_options(db_path)
                 .create_if_missing(true)
@@ -226,6 +258,8 @@ impl Store {
                     snapshots_dir,
                     incoming_dir,
                     device: OnceLock::new(),
+                    #[cfg(test)]
+                    import_hook: std::sync::Mutex::new(None),
                 }),
             };
             if let Some(d) = store.load_device().await? {
@@ -295,6 +329,24 @@ impl Store {
             .await
             .map_err(bulk::db_err)?;
         Ok(())
+    }
+
+    /// Tests: sets the action run on a download's part file after its
+    /// private copy is made, before any check reads the copy.
+    #[cfg(test)]
+    pub(crate) fn set_import_hook(&self, hook: Option<ImportHook>) {
+        if let Ok(mut h) = self.inner.import_hook.lock() {
+            *h = hook;
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn run_import_hook(&self, part: &Path) {
+        if let Ok(h) = self.inner.import_hook.lock()
+            && let Some(hook) = h.as_ref()
+        {
+            hook(part);
+        }
     }
 
     /// The library file.
@@ -456,25 +508,4 @@ pub(crate) async fn owner_state<C: sea_orm::ConnectionTrait>(
             watermark: Watermark::new(IndexId(i2u(col(&row, 1)?)), Seq(i2u(col(&row, 2)?))),
         })),
     }
-}
-
-/// Sets the watermark of a remote owner.
-pub(crate) async fn set_watermark<C: sea_orm::ConnectionTrait>(
-    c: &C,
-    owner: DeviceId,
-    w: Watermark,
-) -> Result<()> {
-    exec(
-        c,
-        "INSERT INTO owner_state (owner, local, index_id, seq) VALUES (?, 0, ?, ?) \
-         ON CONFLICT(owner) DO UPDATE SET index_id = excluded.index_id, seq = excluded.seq \
-         WHERE owner_state.local = 0",
-        vec![
-            blob(owner.to_bytes()),
-            Value::BigInt(Some(u2i(w.index_id.0))),
-            Value::BigInt(Some(u2i(w.seq.0))),
-        ],
-    )
-    .await?;
-    Ok(())
 }

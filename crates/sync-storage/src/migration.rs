@@ -154,31 +154,3 @@ pub(crate) const SNAPSHOT_SCHEMA: &[&str] = &[
 /// Format number written into a snapshot's manifest row.
 pub(crate) const SNAPSHOT_FORMAT: i64 = 1;
 
-/// Expected columns of each snapshot table, in order.
-pub(crate) const SNAPSHOT_COLUMNS: &[(&str, &[&str])] = &[
-    (
-        "manifest",
-        &["format", "owner", "index_id", "max_seq", "records"],
-    ),
-    (
-        "location",
-        &["id", "owner", "path", "name", "seq", "deleted"],
-    ),
-    (
-        "entry",
-        &[
-            "id",
-            "owner",
-            "location",
-            "parent",
-            "name",
-            "kind",
-            "size",
-            "inode",
-            "created_at",
-            "modified_at",
-            "seq",
-            "deleted",
-        ],
-    ),
-];

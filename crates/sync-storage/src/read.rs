@@ -21,7 +21,7 @@ use crate::{Store, owner_state};
 const SCAN_PAGE: i64 = 50_000;
 
 /// Entry rows packed by one [`ENTRY_PACK`] statement (~130 bytes each).
-const PACK_PAGE: usize = 10_000;
+pub(crate) const PACK_PAGE: usize = 10_000;
 
 /// One page of an owner's entries with ?2 < seq <= ?3, in seq order (the
 /// `(owner, seq)` index range), packed by SQLite column by column: one
@@ -34,7 +34,9 @@ const PACK_PAGE: usize = 10_000;
 /// number of rows whose blobs are not 16 bytes (the page is then refused).
 /// One aggregate per column avoids building each row with a chain of `||`
 /// (which copies the growing row string at every step: 2x slower).
-const ENTRY_PACK: &str = "SELECT count(*), \
+macro_rules! entry_pack_columns {
+    () => {
+        "count(*), \
     CAST(group_concat(id, '') AS BLOB), \
     CAST(group_concat(location, '') AS BLOB), \
     CAST(group_concat(parent, '') AS BLOB), \
@@ -47,8 +49,22 @@ const ENTRY_PACK: &str = "SELECT count(*), \
     CAST(group_concat(seq, ',') AS BLOB), \
     CAST(group_concat(name, '') AS BLOB), \
     sum(length(id) != 16 OR length(location) != 16 \
-        OR (parent IS NOT NULL AND length(parent) != 16)) \
-    FROM entry WHERE owner = ? AND seq > ? AND seq <= ?";
+        OR (parent IS NOT NULL AND length(parent) != 16))"
+    };
+}
+const ENTRY_PACK: &str = concat!(
+    "SELECT ",
+    entry_pack_columns!(),
+    " FROM entry WHERE owner = ? AND seq > ? AND seq <= ?"
+);
+
+/// One page of a snapshot file's entries of owner ?1 with id > ?2, at most
+/// ?3, in id order (the primary key), packed as [`ENTRY_PACK`] packs.
+pub(crate) const SNAPSHOT_ENTRY_PACK: &str = concat!(
+    "SELECT ",
+    entry_pack_columns!(),
+    " FROM (SELECT * FROM entry WHERE owner = ? AND id > ? ORDER BY id LIMIT ?)"
+);
 
 /// The count and the highest seq of the next page of an owner's entries
 /// (seq > ?2, at most ?3 rows), from the `(owner, seq)` index alone. The
@@ -129,31 +145,17 @@ impl Store {
                 .fetch_one(&mut *txn)
                 .await
                 .map_err(db_err)?;
-            let n: i64 = row.try_get(0).map_err(db_err)?;
+            let got = unpack_page(&row, &mut ents)?;
             // More rows than counted only if several share the page's last
             // seq (never written so; they are all returned).
-            if n < expect {
+            if (got as i64) < expect {
                 return Err(StorageError::Corrupt(format!(
-                    "entry page of {n} rows, the index counts {expect}"
+                    "entry page of {got} rows, the index counts {expect}"
                 )));
             }
-            if n <= 0 {
+            if got == 0 {
                 break;
             }
-            let malformed: i64 = row.try_get(11).map_err(db_err)?;
-            if malformed > 0 {
-                return Err(StorageError::Corrupt(format!(
-                    "{malformed} entry rows with ids that are not 16 bytes"
-                )));
-            }
-            let mut cols: [&[u8]; 10] = [&[]; 10];
-            for (i, c) in cols.iter_mut().enumerate() {
-                *c = row
-                    .try_get::<Option<&[u8]>, _>(i + 1)
-                    .map_err(db_err)?
-                    .unwrap_or_default();
-            }
-            let got = unpack_entries(&cols, n as usize, &mut ents)?;
             // Stored seqs are i64 bit patterns, ordered as i64 by SQLite.
             cursor = ents.last().map_or(cursor, |e| u2i(e.seq.0));
             remaining = remaining.saturating_sub(got);
@@ -403,7 +405,8 @@ impl<'a> Packed<'a> {
     }
 
     fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        let s = self.buf.get(self.at..self.at + n).ok_or_else(Self::bad)?;
+        let end = self.at.checked_add(n).ok_or_else(Self::bad)?;
+        let s = self.buf.get(self.at..end).ok_or_else(Self::bad)?;
         self.at += n;
         Ok(s)
     }
@@ -443,6 +446,30 @@ impl<'a> Packed<'a> {
     }
 }
 
+/// Appends the entries of one packed page row (see [`ENTRY_PACK`]) to
+/// `out`; returns how many.
+pub(crate) fn unpack_page(row: &sqlx::sqlite::SqliteRow, out: &mut Vec<Entry>) -> Result<usize> {
+    let n: i64 = row.try_get(0).map_err(db_err)?;
+    let n = usize::try_from(n).map_err(|_| Packed::bad())?;
+    if n == 0 {
+        return Ok(0);
+    }
+    let malformed: i64 = row.try_get(11).map_err(db_err)?;
+    if malformed > 0 {
+        return Err(StorageError::Corrupt(format!(
+            "{malformed} entry rows with ids that are not 16 bytes"
+        )));
+    }
+    let mut cols: [&[u8]; 10] = [&[]; 10];
+    for (i, c) in cols.iter_mut().enumerate() {
+        *c = row
+            .try_get::<Option<&[u8]>, _>(i + 1)
+            .map_err(db_err)?
+            .unwrap_or_default();
+    }
+    unpack_entries(&cols, n, out)
+}
+
 /// Appends the `n` entries of a packed page (the 10 packed columns of
 /// [`ENTRY_PACK`] after the count) to `out`; returns `n`.
 fn unpack_entries(cols: &[&[u8]; 10], n: usize, out: &mut Vec<Entry>) -> Result<usize> {
@@ -461,7 +488,7 @@ fn unpack_entries(cols: &[&[u8]; 10], n: usize, out: &mut Vec<Entry>) -> Result<
     let (mut ids, mut locs, mut parents, mut shapes) = (ids, locs, parents, shapes);
     let (mut sizes, mut inodes, mut created, mut modified) = (sizes, inodes, created, modified);
     let (mut seqs, mut names) = (seqs, names);
-    out.reserve(n);
+    out.reserve(n.min(PACK_PAGE));
     for _ in 0..n {
         let shape = u64::try_from(shapes.int()?).map_err(|_| Packed::bad())?;
         let code = ((shape >> 3) & 3) as u8;

@@ -4,11 +4,10 @@
 //! Export runs on its own pinned connection to the new file (ATTACH through
 //! a pool would attach one pooled connection only), with the library
 //! attached and read in one read transaction, so the file is consistent
-//! with a single watermark. Import verifies size, whole-file hash, SQLite
-//! header, schema and manifest before touching the library, then copies in
-//! ONE transaction on the writer ("higher seq wins") and sets the watermark.
+//! with a single watermark. Importing a download (someone else's file) is
+//! `import.rs`: it never attaches the file to the writer.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -18,18 +17,17 @@ use sea_orm::sqlx::sqlite::{
 };
 use sea_orm::{ConnectionTrait, DatabaseConnection, SqlxSqliteConnector, TransactionTrait, Value};
 use sha2::{Digest, Sha256};
-use sync_core::{DeviceId, Hash, IndexId, SNAPSHOT_CHUNK_SIZE, Seq, SnapshotId, Watermark};
+use sync_core::{DeviceId, Hash, IndexId, SNAPSHOT_CHUNK_SIZE, Seq, SnapshotId};
 use tracing::Instrument;
 
 use crate::error::{Result, StorageError};
-use crate::migration::{SNAPSHOT_COLUMNS, SNAPSHOT_FORMAT, SNAPSHOT_SCHEMA};
+use crate::migration::{SNAPSHOT_FORMAT, SNAPSHOT_SCHEMA};
 use crate::rows::{blob, col, exec, i2u, id16, query, query_one, u2i};
 use crate::types::{ChunkInfo, SnapshotManifest, SnapshotOfferInfo};
-use crate::write::drop_owner_rows;
-use crate::{BUSY_TIMEOUT, Store, owner_state, set_watermark};
+use crate::{BUSY_TIMEOUT, Store, perms};
 
 /// The first 16 bytes of every SQLite database file.
-const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+pub(crate) const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
 fn io_err(e: tokio::task::JoinError) -> StorageError {
     StorageError::Io(std::io::Error::other(e))
@@ -177,10 +175,11 @@ impl Store {
         owner: DeviceId,
         path: &Path,
     ) -> Result<(IndexId, Seq, u64)> {
+        // Owner-only from the start: SQLite would create it 0644.
+        perms::private_file(path)?;
         let conn = single_connection(
             SqliteConnectOptions::new()
                 .filename(path)
-                .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Off)
                 .synchronous(SqliteSynchronous::Off)
                 .foreign_keys(false),
@@ -341,14 +340,34 @@ impl Store {
     /// Removes downloads the library no longer needs: those whose snapshot
     /// is covered by what is held of its owner (same index, watermark at or
     /// above the snapshot's max seq), as a crash after an import committed
-    /// but before its files were removed leaves them. Returns the downloads
-    /// removed. Downloads still useful are kept for resuming.
+    /// but before its files were removed leaves them; partial downloads
+    /// untouched for a week; a crashed import's private copy. Returns the
+    /// downloads removed. Downloads still useful are kept for resuming.
     pub async fn prune_downloads(&self) -> Result<u64> {
         let mut removed = 0;
         let mut dir = tokio::fs::read_dir(&self.inner.incoming_dir).await?;
         while let Some(e) = dir.next_entry().await? {
             let state = e.path();
-            if state.extension().is_none_or(|x| x != "next") {
+            let ext = state.extension().and_then(|x| x.to_str()).unwrap_or_default();
+            if matches!(ext, "verify" | "tmp") {
+                // A crashed import's private copy, a crashed state write.
+                let _ = tokio::fs::remove_file(&state).await;
+                continue;
+            }
+            if ext != "next" {
+                continue;
+            }
+            let age = e
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|a| a > DOWNLOAD_EXPIRY) {
+                tracing::info!(download = %state.display(), "expired snapshot download removed");
+                let _ = tokio::fs::remove_file(state.with_extension("part")).await;
+                let _ = tokio::fs::remove_file(&state).await;
+                removed += 1;
                 continue;
             }
             let text = tokio::fs::read_to_string(&state).await.unwrap_or_default();
@@ -374,6 +393,28 @@ impl Store {
             tracing::info!(removed, "downloads of snapshots already imported removed");
         }
         Ok(removed)
+    }
+
+    /// Removes partial downloads of the offer's owner other than this offer:
+    /// an owner has at most one download in `incoming/`, so a peer's
+    /// successive offers cannot fill the disk with abandoned partials.
+    async fn discard_superseded(&self, offer: &SnapshotOfferInfo) -> Result<()> {
+        let mut dir = tokio::fs::read_dir(&self.inner.incoming_dir).await?;
+        while let Some(e) = dir.next_entry().await? {
+            let state = e.path();
+            if state.extension().is_none_or(|x| x != "next")
+                || state.file_stem() == Some(std::ffi::OsStr::new(&offer.id.to_string()))
+            {
+                continue;
+            }
+            let text = tokio::fs::read_to_string(&state).await.unwrap_or_default();
+            if state_owner(&text) == Some(offer.owner) {
+                tracing::info!(download = %state.display(), "superseded snapshot download removed");
+                let _ = tokio::fs::remove_file(state.with_extension("part")).await;
+                let _ = tokio::fs::remove_file(&state).await;
+            }
+        }
+        Ok(())
     }
 
     /// The manifest of a snapshot exported here, if known.
@@ -457,6 +498,14 @@ impl Store {
                 offer.bytes, offer.chunks, SNAPSHOT_CHUNK_SIZE
             )));
         }
+        let max = max_snapshot_bytes(offer.entries);
+        if offer.bytes > max {
+            return Err(StorageError::BadOffer(format!(
+                "{} bytes for {} records: a snapshot of that many records is at most {max} bytes",
+                offer.bytes, offer.entries
+            )));
+        }
+        self.discard_superseded(offer).await?;
         let part = self.inner.incoming_dir.join(format!("{}.part", offer.id));
         let state = self.inner.incoming_dir.join(format!("{}.next", offer.id));
         let offer = *offer;
@@ -469,15 +518,13 @@ impl Store {
                 let bytes: u64 = it.next()?.parse().ok()?;
                 (hash == hex::encode(offer.hash) && bytes == offer.bytes).then_some(next)
             });
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&part)?;
             // Whole chunks on disk; the last chunk may be short, so a file of
             // the offer's full size holds every chunk.
-            let len = file.metadata()?.len();
+            let len = match std::fs::symlink_metadata(&part) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e.into()),
+            };
             let have = if len >= offer.bytes {
                 u64::from(offer.chunks)
             } else {
@@ -485,7 +532,18 @@ impl Store {
             };
             let next =
                 persisted.map_or(0, |n| u64::from(n).min(have).min(u64::from(offer.chunks))) as u32;
-            file.set_len((u64::from(next) * SNAPSHOT_CHUNK_SIZE as u64).min(offer.bytes))?;
+            let kept = (u64::from(next) * SNAPSHOT_CHUNK_SIZE as u64).min(offer.bytes);
+            // The rest of the file, its private copy at import, and a reserve.
+            let need = (offer.bytes - kept)
+                .saturating_add(offer.bytes)
+                .saturating_add(DOWNLOAD_RESERVE_BYTES);
+            let free = perms::available_bytes(part.parent().unwrap_or(&part))?;
+            if free < need {
+                tracing::warn!(free, need, "no room for the snapshot download");
+                return Err(StorageError::DiskFull { path: part });
+            }
+            let file = perms::private_open(&part)?;
+            file.set_len(kept)?;
             file.sync_all()?;
             write_state(&state, next, &offer)?;
             Ok((file, next))
@@ -507,366 +565,50 @@ impl Store {
             next,
         })
     }
-
-    /// Verifies a complete download against its offer (size, whole-file
-    /// hash, SQLite, schema, manifest row and record count) and imports it
-    /// in ONE transaction: "higher seq wins", watermark `(index_id, max_seq)`
-    /// (the owner's old rows dropped first if the IndexId differs). The
-    /// download's files are removed afterwards. Any failure leaves the library unchanged.
-    pub async fn import_snapshot(&self, download: SnapshotDownload) -> Result<Watermark> {
-        let offer = download.offer;
-        let span = tracing::info_span!(
-            "import_snapshot",
-            owner = %offer.owner.fmt_short(),
-            snapshot = %offer.id.fmt_short(),
-            records = offer.entries,
-            bytes = offer.bytes
-        );
-        async move {
-            let next = download.next;
-            let SnapshotDownload {
-                part, state, file, ..
-            } = download;
-            drop(file);
-            let result = async {
-                if self.inner.device.get().map(|d| d.device_id) == Some(offer.owner) {
-                    return Err(StorageError::LocalOwner { owner: offer.owner });
-                }
-                if next < offer.chunks {
-                    return Err(StorageError::Truncated {
-                        have: next,
-                        need: offer.chunks,
-                    });
-                }
-                let p = part.clone();
-                tokio::task::spawn_blocking(move || verify_file(&p, &offer))
-                    .await
-                    .map_err(io_err)??;
-                check_snapshot_db(&part, &offer).await?;
-                sync_core::crash_point("import.verified");
-                let w = self
-                    .copy_snapshot(&part, &offer)
-                    .await
-                    .map_err(|e| e.disk_full_at(self.path()))?;
-                sync_core::crash_point("import.copied");
-                Ok(w)
-            }
-            .await;
-            // An imported download is done with; a refused one would be
-            // refused again (same bytes): both go. One that failed for want
-            // of chunks, space or IO stays, to resume.
-            let keep = matches!(
-                result,
-                Err(StorageError::Truncated { .. }
-                    | StorageError::DiskFull { .. }
-                    | StorageError::Io(_))
-            );
-            if !keep {
-                let _ = tokio::fs::remove_file(&part).await;
-                let _ = tokio::fs::remove_file(&state).await;
-            }
-            // SQLite's side files, should ATTACH have made any.
-            for side in ["part-wal", "part-shm", "part-journal"] {
-                let _ = tokio::fs::remove_file(part.with_extension(side)).await;
-            }
-            match &result {
-                Ok(w) => tracing::info!(index = %w.index_id, seq = w.seq.0, "snapshot imported"),
-                Err(e) => tracing::warn!(cause = %e, kept = keep, "snapshot import refused"),
-            }
-            result
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// The ATTACH-copy on the writer, in one transaction; always detaches.
-    async fn copy_snapshot(&self, part: &Path, offer: &SnapshotOfferInfo) -> Result<Watermark> {
-        let _guard = self.inner.write_lock.lock().await;
-        let writer = &self.inner.writer;
-        exec(
-            writer,
-            "ATTACH DATABASE ? AS snap",
-            vec![part.to_string_lossy().into_owned().into()],
-        )
-        .await?;
-        let result = async {
-            let txn = writer.begin().await?;
-            match copy_in(&txn, offer).await {
-                Ok(w) => {
-                    txn.commit().await?;
-                    Ok(w)
-                }
-                Err(e) => {
-                    // The cause, not the rollback's own failure: SQLite may
-                    // have ended the transaction itself (SQLITE_FULL), and
-                    // the writer pool reopens a connection left out of step.
-                    let _ = txn.rollback().await;
-                    Err(e)
-                }
-            }
-        }
-        .await;
-        let detached = exec(writer, "DETACH DATABASE snap", vec![]).await;
-        let w = result?;
-        detached?;
-        Ok(w)
-    }
 }
 
-/// The copy inside the import transaction.
-async fn copy_in<C: ConnectionTrait>(txn: &C, offer: &SnapshotOfferInfo) -> Result<Watermark> {
-    let owner = offer.owner;
-    let held = owner_state(txn, owner).await?;
-    if held.is_some_and(|s| s.local) {
-        return Err(StorageError::LocalOwner { owner });
-    }
-    let reset = held.is_some_and(|s| s.watermark.index_id != offer.index_id);
-    if reset {
-        tracing::info!(index = %offer.index_id, "new index of owner: dropping its old rows");
-        drop_owner_rows(txn, owner).await?;
-    }
-    let foreign = query_one(
-        txn,
-        "SELECT count(*) FROM snap.location s JOIN main.location m ON m.id = s.id \
-         WHERE m.owner != s.owner",
-        vec![],
-    )
-    .await?;
-    if let Some(r) = foreign
-        && col::<i64>(&r, 0)? > 0
-    {
-        return Err(StorageError::ForeignOwner {
-            owner,
-            detail: "snapshot holds a location id stored under another owner".into(),
-        });
-    }
-    exec(
-        txn,
-        "INSERT INTO main.location (id, owner, path, name, seq, deleted) \
-         SELECT id, owner, path, name, seq, deleted FROM snap.location WHERE true \
-         ON CONFLICT(id) DO UPDATE SET path = excluded.path, name = excluded.name, \
-         seq = excluded.seq, deleted = excluded.deleted \
-         WHERE excluded.seq > location.seq AND excluded.owner = location.owner",
-        vec![],
-    )
-    .await?;
-    exec(
-        txn,
-        "INSERT INTO main.entry (id, owner, location, parent, name, kind, size, inode, \
-         created_at, modified_at, seq, deleted) \
-         SELECT id, owner, location, parent, name, kind, size, inode, created_at, \
-         modified_at, seq, deleted FROM snap.entry WHERE true \
-         ON CONFLICT(id) DO UPDATE SET location = excluded.location, parent = excluded.parent, \
-         name = excluded.name, kind = excluded.kind, size = excluded.size, inode = excluded.inode, \
-         created_at = excluded.created_at, modified_at = excluded.modified_at, \
-         seq = excluded.seq, deleted = excluded.deleted \
-         WHERE excluded.seq > entry.seq AND excluded.owner = entry.owner",
-        vec![],
-    )
-    .await?;
-    let seq = match held {
-        Some(s) if !reset => s.watermark.seq.max(offer.max_seq),
-        _ => offer.max_seq,
-    };
-    let w = Watermark::new(offer.index_id, seq);
-    set_watermark(txn, owner, w).await?;
-    Ok(w)
-}
-
-/// Size, whole-file hash and SQLite header of a downloaded file.
-fn verify_file(path: &Path, offer: &SnapshotOfferInfo) -> Result<()> {
-    let (bytes, hash, _) = hash_file(path)?;
-    if bytes != offer.bytes {
-        return Err(StorageError::SizeMismatch {
-            have: bytes,
-            expected: offer.bytes,
-        });
-    }
-    if hash != offer.hash {
-        return Err(StorageError::FileHashMismatch {
-            have: hash,
-            expected: offer.hash,
-        });
-    }
-    let mut magic = [0u8; 16];
-    let mut f = File::open(path)?;
-    if f.read_exact(&mut magic).is_err() || &magic != SQLITE_MAGIC {
-        return Err(StorageError::NotSqlite(
-            "the file does not start with the SQLite header".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Opens the file read-only and checks schema, manifest row and content against the offer.
-async fn check_snapshot_db(path: &Path, offer: &SnapshotOfferInfo) -> Result<()> {
-    let conn = single_connection(
-        SqliteConnectOptions::new()
-            .filename(path)
-            .read_only(true)
-            // Nothing else writes it: no -wal/-shm files, even if the
-            // peer's file claims WAL mode.
-            .immutable(true)
-            .foreign_keys(false),
-    )
-    .await
-    .map_err(|e| StorageError::NotSqlite(e.to_string()))?;
-    let result = check_snapshot_conn(&conn, offer).await;
-    conn.close_by_ref().await.ok();
-    result
-}
-
-async fn check_snapshot_conn(conn: &DatabaseConnection, offer: &SnapshotOfferInfo) -> Result<()> {
-    query(conn, "SELECT name FROM sqlite_master", vec![])
-        .await
-        .map_err(|e| StorageError::NotSqlite(e.to_string()))?;
-    for (table, expected) in SNAPSHOT_COLUMNS {
-        let rows = query(
-            conn,
-            "SELECT name FROM pragma_table_info(?) ORDER BY cid",
-            vec![(*table).into()],
-        )
-        .await?;
-        let have = rows
-            .iter()
-            .map(|r| col::<String>(r, 0))
-            .collect::<Result<Vec<String>>>()?;
-        if have != *expected {
-            return Err(StorageError::WrongSchema(format!(
-                "table `{table}` has columns {have:?}, expected {expected:?}"
-            )));
-        }
-        // Declared types are checked as values, before any statement reads
-        // the table: sqlx panics (in its worker thread) preparing a query
-        // whose result column has a non-UTF-8 declared type (found by
-        // fuzzing the import).
-        let odd = query(
-            conn,
-            "SELECT count(*) FROM pragma_table_info(?) \
-             WHERE type NOT IN ('INTEGER', 'BLOB', 'TEXT')",
-            vec![(*table).into()],
-        )
-        .await?;
-        if let Some(r) = odd.first()
-            && col::<i64>(r, 0)? > 0
-        {
-            return Err(StorageError::WrongSchema(format!(
-                "table `{table}` has columns of unexpected declared types"
-            )));
-        }
-    }
-    let rows = query(
-        conn,
-        "SELECT format, owner, index_id, max_seq, records FROM manifest",
-        vec![],
-    )
-    .await?;
-    let [row] = rows.as_slice() else {
-        return Err(StorageError::ManifestMismatch(format!(
-            "{} manifest rows, expected 1",
-            rows.len()
-        )));
-    };
-    let mismatch = |what: &str, have: String, want: String| {
-        StorageError::ManifestMismatch(format!("{what} is {have} in the file, {want} in the offer"))
-    };
-    let format: i64 = col(row, 0)?;
-    if format != SNAPSHOT_FORMAT {
-        return Err(StorageError::WrongSchema(format!(
-            "snapshot format {format}"
-        )));
-    }
-    let owner = DeviceId::from_bytes(
-        id16(&col::<Vec<u8>>(row, 1)?)
-            .map_err(|e| StorageError::ManifestMismatch(e.to_string()))?,
-    );
-    if owner != offer.owner {
-        return Err(mismatch(
-            "owner",
-            owner.to_string(),
-            offer.owner.to_string(),
-        ));
-    }
-    let index_id = IndexId(i2u(col(row, 2)?));
-    if index_id != offer.index_id {
-        return Err(mismatch(
-            "index id",
-            index_id.to_string(),
-            offer.index_id.to_string(),
-        ));
-    }
-    let max_seq = Seq(i2u(col(row, 3)?));
-    if max_seq != offer.max_seq {
-        return Err(mismatch(
-            "max seq",
-            max_seq.to_string(),
-            offer.max_seq.to_string(),
-        ));
-    }
-    let records = i2u(col(row, 4)?);
-    if records != offer.entries {
-        return Err(mismatch(
-            "record count",
-            records.to_string(),
-            offer.entries.to_string(),
-        ));
-    }
-    let row = query_one(
-        conn,
-        "SELECT (SELECT count(*) FROM location) + (SELECT count(*) FROM entry), \
-         (SELECT count(*) FROM location WHERE owner != ?1 OR seq <= 0 OR seq > ?2 \
-            OR length(id) != 16 OR deleted NOT IN (0, 1)) \
-         + (SELECT count(*) FROM entry WHERE owner != ?1 OR seq <= 0 OR seq > ?2 \
-            OR length(id) != 16 OR kind NOT BETWEEN 0 AND 2 OR deleted NOT IN (0, 1)), \
-         (SELECT count(*) FROM entry WHERE location NOT IN (SELECT id FROM location))",
-        vec![
-            blob(offer.owner.to_bytes()),
-            Value::BigInt(Some(u2i(offer.max_seq.0))),
-        ],
-    )
-    .await?
-    .ok_or_else(|| StorageError::ManifestMismatch("no counts".into()))?;
-    let count = i2u(col(&row, 0)?);
-    if count != records {
-        return Err(StorageError::ManifestMismatch(format!(
-            "the manifest counts {records} records, the file holds {count}"
-        )));
-    }
-    let bad: i64 = col(&row, 1)?;
-    if bad > 0 {
-        return Err(StorageError::ManifestMismatch(format!(
-            "{bad} records of another owner, outside seq 1..={max_seq} or with invalid values"
-        )));
-    }
-    let orphans: i64 = col(&row, 2)?;
-    if orphans > 0 {
-        return Err(StorageError::ManifestMismatch(format!(
-            "{orphans} entries in locations the snapshot does not hold"
-        )));
-    }
-    Ok(())
-}
-
-/// Persists the next chunk to fetch (write then rename: never half-written).
+/// Persists the next chunk to fetch (a unique temporary file, synced, then
+/// renamed: never half-written, never a predictable temporary name).
 fn write_state(state: &Path, next: u32, offer: &SnapshotOfferInfo) -> std::io::Result<()> {
-    let tmp = state.with_extension("next.tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        // `next hash bytes` resume the download; `owner index_id max_seq`
-        // tell `prune_downloads` when the library no longer needs it.
-        writeln!(
-            f,
-            "{next} {} {} {} {} {}",
-            hex::encode(offer.hash),
-            offer.bytes,
-            hex::encode(offer.owner.to_bytes()),
-            offer.index_id.0,
-            offer.max_seq.0
-        )?;
-        f.sync_data()?;
-    }
-    std::fs::rename(&tmp, state)
+    // `next hash bytes` resume the download; `owner index_id max_seq`
+    // tell `prune_downloads` when the library no longer needs it.
+    let line = format!(
+        "{next} {} {} {} {} {}\n",
+        hex::encode(offer.hash),
+        offer.bytes,
+        hex::encode(offer.owner.to_bytes()),
+        offer.index_id.0,
+        offer.max_seq.0
+    );
+    perms::write_atomic(state, line.as_bytes())
 }
+
+/// The owner named by a download's state file, if readable.
+fn state_owner(text: &str) -> Option<DeviceId> {
+    let owner = text.split_whitespace().nth(3)?;
+    hex::decode(owner)
+        .ok()
+        .and_then(|b| id16(&b).ok())
+        .map(DeviceId::from_bytes)
+}
+
+/// The largest snapshot file of `records` records this version accepts:
+/// [`SNAPSHOT_BYTES_PER_RECORD`] per record (an entry row is at most ~1.2
+/// KB with the longest name a snapshot may hold, and a b-tree page may be
+/// half empty or spill a long row to an overflow page) plus the header,
+/// schema and manifest pages.
+pub fn max_snapshot_bytes(records: u64) -> u64 {
+    SNAPSHOT_BASE_BYTES.saturating_add(records.saturating_mul(SNAPSHOT_BYTES_PER_RECORD))
+}
+
+/// Fixed part of [`max_snapshot_bytes`].
+const SNAPSHOT_BASE_BYTES: u64 = 1 << 20;
+/// Per-record part of [`max_snapshot_bytes`] (real snapshots: ~110 bytes).
+pub const SNAPSHOT_BYTES_PER_RECORD: u64 = 8 << 10;
+/// Space a download must leave free on its disk.
+const DOWNLOAD_RESERVE_BYTES: u64 = 64 << 20;
+/// A partial download untouched this long is removed at start.
+const DOWNLOAD_EXPIRY: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// The in-progress download of one snapshot offer. Dropping it keeps the
 /// partial file: `begin_download` of the same offer resumes it.
@@ -958,6 +700,12 @@ impl SnapshotDownload {
         sync_core::crash_point("download.chunk");
         self.next = index + 1;
         Ok(())
+    }
+
+    /// The part file, the state file and the next chunk, for the import.
+    pub(crate) fn into_parts(self) -> (PathBuf, PathBuf, u32) {
+        drop(self.file);
+        (self.part, self.state, self.next)
     }
 
     /// Abandons the download and removes its files.

@@ -819,7 +819,8 @@ async fn bad_snapshots_are_refused_and_change_nothing() {
 
     // Not SQLite.
     let junk = dir.path().join("junk.bin");
-    std::fs::write(&junk, vec![7u8; 3 << 20]).unwrap();
+    // (Within the size bound of a 5-record offer, so the header is reached.)
+    std::fs::write(&junk, vec![7u8; 600 << 10]).unwrap();
     let e = offer_file(&b, &junk, me, IndexId(1), Seq(5), 5)
         .await
         .unwrap_err();
@@ -1233,10 +1234,26 @@ async fn full_disk_during_snapshot_download_or_import_changes_nothing() {
 
     match &space {
         Space::Disk(disk) => {
-            // The download runs out of space on its second chunk.
-            disk.resize(disk.used_kib() + m.chunks[0].len as u64 / 1024 + 512);
-            let mut d = b.begin_download(&m.offer()).await.unwrap();
+            // No room for the file, its private copy at import and the
+            // reserve: refused before a byte is written.
+            disk.resize(disk.used_kib() + m.bytes / 1024 + 512);
             let part = b.incoming_dir().join(format!("{}.part", m.id));
+            let e = b.begin_download(&m.offer()).await.unwrap_err();
+            assert_disk_full(&e, &part);
+            assert!(!part.exists(), "nothing written");
+
+            // Room at the start, then the disk fills up (another writer):
+            // the download runs out of space on its second chunk.
+            disk.resize(disk.used_kib() + (2 * m.bytes + (64 << 20)) / 1024 + 1024);
+            let mut d = b.begin_download(&m.offer()).await.unwrap();
+            let filler = space.path().join("filler");
+            let fill = |leave_kib: u64| {
+                let _ = std::fs::remove_file(&filler);
+                let free = crate::perms::available_bytes(space.path()).unwrap() / 1024;
+                let free = free.saturating_sub(leave_kib);
+                std::fs::write(&filler, vec![0u8; (free * 1024) as usize]).unwrap();
+            };
+            fill(m.chunks[0].len as u64 / 1024 + 256);
             let e = loop {
                 let i = d.next_chunk();
                 assert!(!d.is_complete(), "the download fit");
@@ -1250,9 +1267,9 @@ async fn full_disk_during_snapshot_download_or_import_changes_nothing() {
             drop(d);
             assert_eq!(state(&b).await, before);
 
-            // Room for the file but not for the import: the download resumes
-            // and completes, the import is refused.
-            disk.resize(disk.used_kib() + m.bytes / 1024 + 256);
+            // Room for the download, then not for the import: the download
+            // resumes and completes, the import is refused.
+            std::fs::remove_file(&filler).unwrap();
             let mut d = b.begin_download(&m.offer()).await.unwrap();
             assert_eq!(d.next_chunk(), 1, "resumes after the last chunk written");
             while !d.is_complete() {
@@ -1260,9 +1277,11 @@ async fn full_disk_during_snapshot_download_or_import_changes_nothing() {
                 let (hash, data) = a.read_snapshot_chunk(&m, i).await.unwrap();
                 d.write_chunk(i, hash, &data).await.unwrap();
             }
+            fill(256);
             let e = b.import_snapshot(d).await.unwrap_err();
-            assert_disk_full(&e, b.path());
+            assert!(matches!(e, StorageError::DiskFull { .. }), "{e:?}");
             assert_eq!(state(&b).await, before);
+            std::fs::remove_file(&filler).unwrap();
         }
         Space::PageCap(_) => {
             eprintln!("no tmpfs: the download's ENOSPC is not covered, only the import's");

@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sea_orm::ConnectionTrait;
 use sea_orm::sqlx::{Connection as _, SqliteConnection};
 use sync_core::{DeviceId, Entry, EntryId, IndexId, Location, LocationId, Record, Seq, Watermark};
 use tracing::Instrument;
@@ -13,7 +12,6 @@ use crate::bulk::{
     upsert_entries, upsert_locations,
 };
 use crate::error::{Result, StorageError};
-use crate::rows::{blob, exec};
 use crate::types::{LocalChange, SeqRange};
 
 /// Local changes committed per transaction.
@@ -213,32 +211,7 @@ impl Store {
                     seq: after,
                 });
             }
-            let mut locs: Vec<&Location> = Vec::new();
-            let mut ents: Vec<&Entry> = Vec::with_capacity(records.len());
-            for r in &records {
-                let seq = r.seq();
-                if seq <= after || seq > last {
-                    return Err(StorageError::BadRange { after, last, seq });
-                }
-                match r {
-                    Record::Location(l) => {
-                        if l.owner != owner {
-                            return Err(StorageError::ForeignOwner {
-                                owner,
-                                detail: format!(
-                                    "location {} belongs to {}",
-                                    l.id.fmt_short(),
-                                    l.owner.fmt_short()
-                                ),
-                            });
-                        }
-                        locs.push(l);
-                    }
-                    Record::Entry(e) => ents.push(e),
-                }
-            }
-            locs.sort_unstable_by_key(|l| l.id);
-            ents.sort_unstable_by_key(|e| e.id);
+            let (locs, ents) = split_records(owner, after, last, &records)?;
 
             let _guard = self.inner.write_lock.lock().await;
             let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
@@ -280,9 +253,7 @@ impl Store {
                 tracing::info!(index = %index_id, "new index of owner: dropping its old rows");
                 bulk::drop_owner_rows(&mut txn, owner).await?;
             }
-            check_batch_locations(&mut txn, owner, &locs, &ents).await?;
-            upsert_locations(&mut txn, owner, &locs).await?;
-            upsert_entries(&mut txn, owner, &ents).await?;
+            write_records(&mut txn, owner, &locs, &ents).await?;
             let seq = match held {
                 Some(s) if !reset => s.watermark.seq.max(last),
                 _ => last,
@@ -324,21 +295,58 @@ impl Store {
     }
 }
 
-/// Deletes every entry and location of `owner`.
-pub(crate) async fn drop_owner_rows<C: ConnectionTrait>(c: &C, owner: DeviceId) -> Result<()> {
-    exec(
-        c,
-        "DELETE FROM entry WHERE owner = ?",
-        vec![blob(owner.to_bytes())],
-    )
-    .await?;
-    exec(
-        c,
-        "DELETE FROM location WHERE owner = ?",
-        vec![blob(owner.to_bytes())],
-    )
-    .await?;
-    Ok(())
+/// Checks every record of a batch of `owner` covering `(after, last]`: its
+/// seq inside the range, every location owned by `owner`; returns the
+/// locations and entries sorted by id (b-tree locality). Shared by received
+/// batches and snapshot imports (see [`write_records`]).
+pub(crate) fn split_records<'a>(
+    owner: DeviceId,
+    after: Seq,
+    last: Seq,
+    records: &'a [Record],
+) -> Result<(Vec<&'a Location>, Vec<&'a Entry>)> {
+    let mut locs: Vec<&Location> = Vec::new();
+    let mut ents: Vec<&Entry> = Vec::with_capacity(records.len());
+    for r in records {
+        let seq = r.seq();
+        if seq <= after || seq > last {
+            return Err(StorageError::BadRange { after, last, seq });
+        }
+        match r {
+            Record::Location(l) => {
+                if l.owner != owner {
+                    return Err(StorageError::ForeignOwner {
+                        owner,
+                        detail: format!(
+                            "location {} belongs to {}",
+                            l.id.fmt_short(),
+                            l.owner.fmt_short()
+                        ),
+                    });
+                }
+                locs.push(l);
+            }
+            Record::Entry(e) => ents.push(e),
+        }
+    }
+    locs.sort_unstable_by_key(|l| l.id);
+    ents.sort_unstable_by_key(|e| e.id);
+    Ok((locs, ents))
+}
+
+/// Writes checked records of `owner` inside the caller's transaction: every
+/// entry must land in a location of `owner` (stored, or in `locs`), no
+/// location may be stored under another owner, then the "higher seq wins,
+/// same owner only" upserts. The one write path of remote records.
+pub(crate) async fn write_records(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    locs: &[&Location],
+    ents: &[&Entry],
+) -> Result<()> {
+    check_batch_locations(conn, owner, locs, ents).await?;
+    upsert_locations(conn, owner, locs).await?;
+    upsert_entries(conn, owner, ents).await
 }
 
 /// Every location of the batch must not be stored under another owner, and
