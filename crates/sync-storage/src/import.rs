@@ -277,7 +277,7 @@ fn copy_verified(part: &Path, to: &Path, offer: &SnapshotOfferInfo) -> Result<()
 }
 
 /// A snapshot error for a failure of SQLite on the untrusted file.
-fn untrusted_err(e: sqlx::Error, deadline: Instant) -> StorageError {
+pub(crate) fn untrusted_err(e: sqlx::Error, deadline: Instant) -> StorageError {
     if Instant::now() >= deadline {
         StorageError::BadSnapshot(
             "checking the snapshot file ran past its deadline: refused".to_string(),
@@ -369,7 +369,7 @@ async fn check_file(
 }
 
 /// The file's objects must be exactly the snapshot schema, its text UTF-8.
-pub(crate) async fn check_schema(conn: &mut SqliteConnection, deadline: Instant) -> Result<()> {
+async fn check_schema(conn: &mut SqliteConnection, deadline: Instant) -> Result<()> {
     let encoding: String = sqlx::query_scalar("PRAGMA encoding")
         .fetch_one(&mut *conn)
         .await

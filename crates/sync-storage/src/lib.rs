@@ -30,6 +30,8 @@ mod snapshot;
 mod types;
 mod write;
 
+#[cfg(test)]
+mod hostile_snapshot_tests;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 #[cfg(test)]
@@ -50,8 +52,8 @@ use sync_core::{DeviceId, IndexId, LibraryId, Seq, Watermark};
 use tracing::Instrument;
 
 pub use error::{Result, StorageError};
-pub use migration::Migrator;
 pub use import::{MAX_NAME_BYTES, MAX_PATH_BYTES};
+pub use migration::Migrator;
 pub use snapshot::{SNAPSHOT_BYTES_PER_RECORD, SnapshotDownload, max_snapshot_bytes};
 pub use types::{
     Checkpoint, ChunkInfo, DeviceInfo, Direction, LocalChange, OwnerSummary, SeqRange,

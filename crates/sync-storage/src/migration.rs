@@ -153,4 +153,3 @@ pub(crate) const SNAPSHOT_SCHEMA: &[&str] = &[
 
 /// Format number written into a snapshot's manifest row.
 pub(crate) const SNAPSHOT_FORMAT: i64 = 1;
-

@@ -348,7 +348,10 @@ impl Store {
         let mut dir = tokio::fs::read_dir(&self.inner.incoming_dir).await?;
         while let Some(e) = dir.next_entry().await? {
             let state = e.path();
-            let ext = state.extension().and_then(|x| x.to_str()).unwrap_or_default();
+            let ext = state
+                .extension()
+                .and_then(|x| x.to_str())
+                .unwrap_or_default();
             if matches!(ext, "verify" | "tmp") {
                 // A crashed import's private copy, a crashed state write.
                 let _ = tokio::fs::remove_file(&state).await;

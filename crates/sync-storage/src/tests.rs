@@ -21,13 +21,13 @@ async fn open(dir: &TempDir, name: &str) -> Store {
         .unwrap()
 }
 
-async fn device(dir: &TempDir, name: &str) -> (Store, DeviceId) {
+pub(crate) async fn device(dir: &TempDir, name: &str) -> (Store, DeviceId) {
     let s = open(dir, name).await;
     let d = s.create_device(name, LibraryId::new_v7()).await.unwrap();
     (s, d.device_id)
 }
 
-fn location(owner: DeviceId, seq: u64) -> Location {
+pub(crate) fn location(owner: DeviceId, seq: u64) -> Location {
     Location {
         id: LocationId::new_v7(),
         owner,
@@ -38,7 +38,7 @@ fn location(owner: DeviceId, seq: u64) -> Location {
     }
 }
 
-fn entry(loc: LocationId, i: u64, seq: u64) -> Entry {
+pub(crate) fn entry(loc: LocationId, i: u64, seq: u64) -> Entry {
     let t = Utc.timestamp_opt(1_700_000_000, 123_456_000).unwrap();
     Entry {
         id: EntryId::new_v7(),
@@ -64,7 +64,7 @@ fn entry(loc: LocationId, i: u64, seq: u64) -> Entry {
 }
 
 /// A location at seq 1 then `n` entries at seqs 2..=n+1.
-fn batch(owner: DeviceId, n: u64) -> (Location, Vec<Record>) {
+pub(crate) fn batch(owner: DeviceId, n: u64) -> (Location, Vec<Record>) {
     let loc = location(owner, 1);
     let mut out = vec![Record::Location(loc.clone())];
     for i in 0..n {
@@ -74,7 +74,7 @@ fn batch(owner: DeviceId, n: u64) -> (Location, Vec<Record>) {
 }
 
 /// Everything observable about the library: summaries and watermarks.
-async fn state(s: &Store) -> (Vec<OwnerSummary>, Vec<(DeviceId, Watermark)>) {
+pub(crate) async fn state(s: &Store) -> (Vec<OwnerSummary>, Vec<(DeviceId, Watermark)>) {
     (s.summaries().await.unwrap(), s.watermarks().await.unwrap())
 }
 
@@ -591,7 +591,7 @@ async fn checkpoints_round_trip() {
 // ---------------------------------------------------------------- snapshots
 
 /// A local device with `n` entries (long names: several chunks) and some tombstones.
-async fn populated(dir: &TempDir, name: &str, n: u64) -> (Store, DeviceId) {
+pub(crate) async fn populated(dir: &TempDir, name: &str, n: u64) -> (Store, DeviceId) {
     let (s, me) = device(dir, name).await;
     let loc = location(me, 0);
     let mut changes = vec![LocalChange::Location(loc.clone())];
@@ -610,7 +610,11 @@ async fn populated(dir: &TempDir, name: &str, n: u64) -> (Store, DeviceId) {
 }
 
 /// Downloads every chunk of `manifest` into `to` and imports it.
-async fn transfer(from: &Store, manifest: &SnapshotManifest, to: &Store) -> Result<Watermark> {
+pub(crate) async fn transfer(
+    from: &Store,
+    manifest: &SnapshotManifest,
+    to: &Store,
+) -> Result<Watermark> {
     let mut d = to.begin_download(&manifest.offer()).await?;
     while !d.is_complete() {
         let i = d.next_chunk();
@@ -621,7 +625,7 @@ async fn transfer(from: &Store, manifest: &SnapshotManifest, to: &Store) -> Resu
 }
 
 /// Serves an arbitrary file as a snapshot with the given offer fields.
-async fn offer_file(
+pub(crate) async fn offer_file(
     to: &Store,
     path: &Path,
     owner: DeviceId,

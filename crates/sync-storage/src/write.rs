@@ -299,12 +299,12 @@ impl Store {
 /// seq inside the range, every location owned by `owner`; returns the
 /// locations and entries sorted by id (b-tree locality). Shared by received
 /// batches and snapshot imports (see [`write_records`]).
-pub(crate) fn split_records<'a>(
+pub(crate) fn split_records(
     owner: DeviceId,
     after: Seq,
     last: Seq,
-    records: &'a [Record],
-) -> Result<(Vec<&'a Location>, Vec<&'a Entry>)> {
+    records: &[Record],
+) -> Result<(Vec<&Location>, Vec<&Entry>)> {
     let mut locs: Vec<&Location> = Vec::new();
     let mut ents: Vec<&Entry> = Vec::with_capacity(records.len());
     for r in records {
