@@ -752,12 +752,20 @@ impl Receiver {
             d.offer.entries,
             d.bytes,
         );
+        // `entries` and `chunks` are the peer's claims: the product is taken
+        // in u128, where it cannot overflow (it did in u64 for an offer of
+        // 2^63 entries); the share fits in u64 while `next <= chunks`.
+        let done = u64::try_from(u128::from(entries) * u128::from(next) / u128::from(chunks))
+            .map_err(|_| Refusal {
+                code: ErrorCode::BadSnapshot,
+                message: format!("chunk {next} of {chunks} is past the end of the snapshot"),
+            })?;
         self.shared.emit(SyncEvent::TransferProgress {
             transfer,
             peer: self.owner,
             owner: self.owner,
             direction: Direction::Receive,
-            done: entries * u64::from(next) / u64::from(chunks),
+            done,
             total: entries,
             bytes,
         });

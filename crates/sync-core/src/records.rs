@@ -7,13 +7,24 @@
 //! name, delta-coded seqs, inodes and timestamps. Columns of like values
 //! compress far better than rows (row-wise lz4 measured 29 B/entry on a real
 //! root filesystem).
+//!
+//! Decoding trusts nothing it reads before checking it: the decompressed
+//! size against [`BatchLimits::decompressed_limit`], the record count
+//! against `max_records` before any per-record column, every column's
+//! declared length against the count (and against the bytes left) before
+//! anything is allocated for it, and the text the records decode to
+//! (names, paths) against the same limit as the decompressed payload. So a
+//! payload costs its decompressed buffer, at most as much again in text and
+//! a few hundred bytes per record it may hold, whatever its columns claim.
+//! Byte columns are borrowed from the decompressed buffer.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use crate::codec::{compress, decompress_checked};
 use crate::error::DecodeError;
-use crate::id::{EntryId, LocationId, Seq};
+use crate::id::{DeviceId, EntryId, LocationId, Seq};
 use crate::model::{Entry, EntryKind, Location, Record, micros};
 
 /// Layout byte of the columnar format.
@@ -23,12 +34,28 @@ const FLAG_KIND_MASK: u8 = 0b0000_0011;
 const FLAG_DELETED: u8 = 0b0000_0100;
 const FLAG_INODE: u8 = 0b0000_1000;
 
+/// Decompressed bytes a batch may take per record it may hold. An entry's
+/// columns take at most 110 bytes besides its name (a synthetic tree's take
+/// 46 with it); the budget is the batch's, not each record's: 65,536
+/// records with 400-byte names fit.
+const BYTES_PER_RECORD: usize = 512;
+/// Decompressed bytes a batch may take beyond [`BYTES_PER_RECORD`] per
+/// record: the layout byte, length prefixes, a few long location paths.
+const BATCH_OVERHEAD: usize = 64 << 10;
+/// The most an lz4 block can expand: a match's length grows by at most 255
+/// per byte of input, literals by one.
+const LZ4_MAX_EXPANSION: u64 = 255;
+/// The fewest bytes a location record takes: two ids, two empty strings,
+/// a one-byte seq and the tombstone flag.
+const MIN_LOCATION_BYTES: usize = 16 + 16 + 1 + 1 + 1 + 1;
+
 /// Limits applied when decoding a batch from a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// Most records in one batch (default 65,536).
+    /// Most records in one batch, locations and entries (default 65,536).
     pub max_records: usize,
-    /// Largest decompressed payload (default 64 MiB).
+    /// Largest decompressed payload (default 64 MiB); see
+    /// [`BatchLimits::decompressed_limit`] for the limit that applies.
     pub max_decompressed: usize,
 }
 
@@ -41,7 +68,33 @@ impl Default for BatchLimits {
     }
 }
 
-#[derive(Serialize, Deserialize, Default)]
+impl BatchLimits {
+    /// The most bytes a payload may decompress to, and the most bytes of
+    /// text (entry names, location paths and names) its records may decode
+    /// to: 512 bytes per record of `max_records` plus 64 KiB, or
+    /// `max_decompressed` if that is less. 32 MiB and 64 KiB by default: a
+    /// batch of few records cannot make the receiver allocate for many.
+    ///
+    /// ```
+    /// use sync_core::BatchLimits;
+    /// assert_eq!(BatchLimits::default().decompressed_limit(), (32 << 20) + (64 << 10));
+    /// let small = BatchLimits { max_records: 100, ..BatchLimits::default() };
+    /// assert_eq!(small.decompressed_limit(), 100 * 512 + (64 << 10));
+    /// ```
+    pub fn decompressed_limit(&self) -> usize {
+        self.max_records
+            .saturating_mul(BYTES_PER_RECORD)
+            .saturating_add(BATCH_OVERHEAD)
+            .min(self.max_decompressed)
+    }
+}
+
+/// The encoded form. Decoding does not deserialize it (postcard would
+/// allocate each column at the length it declares): [`read_columns`] reads
+/// the same fields in the same order, bounding each. A field added here
+/// must be added there; the round-trip tests fail until it is.
+#[derive(Serialize, Default)]
+#[cfg_attr(test, derive(Deserialize))]
 struct Columns {
     layout: u8,
     locations: Vec<Location>,
@@ -77,6 +130,7 @@ fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
+/// The inverse of [`zigzag`]; total (no value of `v` overflows).
 fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
@@ -194,128 +248,386 @@ pub fn encode_records(records: &[Record]) -> Vec<u8> {
     compress(&raw)
 }
 
-fn check_len(column: &'static str, len: usize, count: usize) -> Result<(), DecodeError> {
-    if len != count {
-        return Err(DecodeError::ColumnLength {
-            column,
-            len: len as u64,
-            count: count as u64,
-        });
+/// A column whose declared length is not the one the batch needs.
+fn wrong_len(column: &'static str, len: u64, count: usize) -> DecodeError {
+    DecodeError::ColumnLength {
+        column,
+        len,
+        count: count as u64,
     }
-    Ok(())
 }
 
-fn id16(bytes: &[u8]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b.copy_from_slice(bytes);
-    b
+/// A cursor over the decompressed batch. Values are decoded by postcard,
+/// one at a time; every length prefix is read and checked before anything
+/// is allocated for what it announces.
+struct Reader<'a> {
+    rest: &'a [u8],
 }
 
-/// Decodes a batch payload made by [`encode_records`]: locations first,
-/// then entries in their encoded order. Every column is checked against
-/// the record count and every reference against the batch before use.
-pub fn decode_records(payload: &[u8], limits: &BatchLimits) -> Result<Vec<Record>, DecodeError> {
-    let raw = decompress_checked(payload, limits.max_decompressed)?;
-    let (c, rest) = postcard::take_from_bytes::<Columns>(&raw)
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
+impl<'a> Reader<'a> {
+    /// One postcard value (a varint, an id, a bool), which allocates nothing.
+    fn value<T: Deserialize<'a>>(&mut self, what: &'static str) -> Result<T, DecodeError> {
+        let (v, rest) = postcard::take_from_bytes::<T>(self.rest)
+            .map_err(|e| DecodeError::Malformed(format!("{what}: {e}")))?;
+        self.rest = rest;
+        Ok(v)
+    }
+
+    /// A length prefix: postcard writes a sequence's length as a varint
+    /// `usize`, the same bytes as a `u64` of that value.
+    fn len(&mut self, column: &'static str) -> Result<u64, DecodeError> {
+        self.value::<u64>(column)
+    }
+
+    /// Refuses `len` values of at least `each` bytes when fewer bytes are left.
+    fn room(&self, column: &'static str, len: usize, each: usize) -> Result<(), DecodeError> {
+        match len.checked_mul(each) {
+            Some(need) if need <= self.rest.len() => Ok(()),
+            _ => Err(DecodeError::Malformed(format!(
+                "column `{column}` declares {len} values, only {} bytes are left",
+                self.rest.len()
+            ))),
+        }
+    }
+
+    /// A length prefix that must be `expected`, with room for as many values.
+    fn exact_len(&mut self, column: &'static str, expected: usize) -> Result<usize, DecodeError> {
+        let len = self.len(column)?;
+        if len != expected as u64 {
+            return Err(wrong_len(column, len, expected));
+        }
+        self.room(column, expected, 1)?;
+        Ok(expected)
+    }
+
+    /// A column of exactly `expected` varints; the vector is allocated only
+    /// after the declared length is found to be `expected`.
+    fn varints<T: Deserialize<'a>>(
+        &mut self,
+        column: &'static str,
+        expected: usize,
+    ) -> Result<Vec<T>, DecodeError> {
+        let len = self.exact_len(column, expected)?;
+        let mut values = Vec::with_capacity(len);
+        for _ in 0..len {
+            values.push(self.value(column)?);
+        }
+        Ok(values)
+    }
+
+    /// The next `len` bytes, borrowed.
+    fn take(&mut self, column: &'static str, len: u64) -> Result<&'a [u8], DecodeError> {
+        let split = usize::try_from(len)
+            .ok()
+            .and_then(|len| self.rest.split_at_checked(len));
+        let Some((bytes, rest)) = split else {
+            return Err(DecodeError::Malformed(format!(
+                "column `{column}` declares {len} bytes, only {} are left",
+                self.rest.len()
+            )));
+        };
+        self.rest = rest;
+        Ok(bytes)
+    }
+
+    /// A byte column of any length (bounded by the buffer), borrowed.
+    fn bytes(&mut self, column: &'static str) -> Result<&'a [u8], DecodeError> {
+        let len = self.len(column)?;
+        self.take(column, len)
+    }
+
+    /// A byte column of exactly `expected` bytes, borrowed.
+    fn bytes_exact(
+        &mut self,
+        column: &'static str,
+        expected: usize,
+    ) -> Result<&'a [u8], DecodeError> {
+        let len = self.exact_len(column, expected)?;
+        self.take(column, len as u64)
+    }
+
+    /// A string, charged to `text` before it is copied out of the buffer.
+    fn string(&mut self, what: &'static str, text: &mut Budget) -> Result<String, DecodeError> {
+        let bytes = self.bytes(what)?;
+        text.charge(what, bytes.len())?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::Malformed(format!("{what} is not UTF-8")))
+    }
+
+    /// A location record, field by field in `Location`'s order (its derived
+    /// encoding), so that its strings are charged before they are allocated.
+    fn location(&mut self, text: &mut Budget) -> Result<Location, DecodeError> {
+        Ok(Location {
+            id: self.value::<LocationId>("location id")?,
+            owner: self.value::<DeviceId>("location owner")?,
+            path: self.string("location path", text)?,
+            name: self.string("location name", text)?,
+            seq: Seq(self.value::<u64>("location seq")?),
+            deleted: self.value::<bool>("location deleted")?,
+        })
+    }
+}
+
+/// Bytes of text the records of a batch may still decode to. Names share
+/// prefixes with the previous name, so a few bytes can name many long
+/// records: the budget refuses the batch before the string is allocated.
+struct Budget {
+    left: usize,
+    max: usize,
+}
+
+impl Budget {
+    fn new(max: usize) -> Self {
+        Budget { left: max, max }
+    }
+
+    fn charge(&mut self, what: &'static str, len: usize) -> Result<(), DecodeError> {
+        self.left = self.left.checked_sub(len).ok_or_else(|| {
+            DecodeError::Malformed(format!(
+                "{what}: the batch's text exceeds the limit of {} bytes",
+                self.max
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+/// The columns of a batch as read, byte columns borrowed from the
+/// decompressed buffer. Every column has been checked against the count.
+struct Decoded<'a> {
+    locations: Vec<Location>,
+    loc_table: &'a [u8],
+    count: usize,
+    id_hi: Vec<i64>,
+    id_lo: &'a [u8],
+    loc: Vec<u32>,
+    parent: Vec<u64>,
+    extern_parents: &'a [u8],
+    name_prefix: Vec<u32>,
+    name_suffix: Vec<u32>,
+    names: &'a [u8],
+    flags: &'a [u8],
+    size: Vec<u64>,
+    inode: Vec<i64>,
+    created: Vec<i64>,
+    modified: Vec<i64>,
+    seq: Vec<i64>,
+}
+
+/// Reads the fields of [`Columns`] in their order, each bounded before it
+/// is allocated: locations by `max_records`, the count with them, then
+/// every column by the count (the inode column by the flags that announce
+/// an inode, parent ids by the parents that refer to one, name bytes by
+/// the suffix lengths).
+fn read_columns<'a>(
+    r: &mut Reader<'a>,
+    limits: &BatchLimits,
+    text: &mut Budget,
+) -> Result<Decoded<'a>, DecodeError> {
+    let max = limits.max_records;
+    let too_many = |count: u64| DecodeError::TooManyRecords {
+        count,
+        max: max as u64,
+    };
+    let layout: u8 = r.value("layout")?;
+    if layout != LAYOUT_COLUMNAR_V1 {
         return Err(DecodeError::Malformed(format!(
-            "{} trailing bytes after the batch",
-            rest.len()
+            "unknown batch layout {layout}"
         )));
     }
-    if c.layout != LAYOUT_COLUMNAR_V1 {
-        return Err(DecodeError::Malformed(format!(
-            "unknown batch layout {}",
-            c.layout
-        )));
+    let declared = r.len("locations")?;
+    let n_locations = usize::try_from(declared)
+        .ok()
+        .filter(|&n| n <= max)
+        .ok_or_else(|| too_many(declared))?;
+    r.room("locations", n_locations, MIN_LOCATION_BYTES)?;
+    let mut locations = Vec::with_capacity(n_locations);
+    for _ in 0..n_locations {
+        locations.push(r.location(text)?);
     }
-    let n = c.count as usize;
-    let total = n as u64 + c.locations.len() as u64;
-    if total > limits.max_records as u64 {
-        return Err(DecodeError::TooManyRecords {
-            count: total,
-            max: limits.max_records as u64,
-        });
-    }
-    check_len("id_hi", c.id_hi.len(), n)?;
-    check_len("id_lo", c.id_lo.len(), n * 8)?;
-    check_len("loc", c.loc.len(), n)?;
-    check_len("parent", c.parent.len(), n)?;
-    check_len("name_prefix", c.name_prefix.len(), n)?;
-    check_len("name_suffix", c.name_suffix.len(), n)?;
-    check_len("flags", c.flags.len(), n)?;
-    check_len("size", c.size.len(), n)?;
-    check_len("created", c.created.len(), n)?;
-    check_len("modified", c.modified.len(), n)?;
-    check_len("seq", c.seq.len(), n)?;
-    let with_inode = c.flags.iter().filter(|f| *f & FLAG_INODE != 0).count();
-    check_len("inode", c.inode.len(), with_inode)?;
-    if c.loc_table.len() % 16 != 0 {
+    let loc_table = r.bytes("loc_table")?;
+    if loc_table.len() % 16 != 0 {
         return Err(DecodeError::Malformed(
             "location table is not whole ids".into(),
         ));
     }
-    if c.extern_parents.len() % 16 != 0 {
-        return Err(DecodeError::Malformed(
-            "parent table is not whole ids".into(),
-        ));
+    let count: u32 = r.value("count")?;
+    let total = u64::from(count) + n_locations as u64;
+    if total > max as u64 {
+        return Err(too_many(total));
     }
-    let suffix_total: u64 = c.name_suffix.iter().map(|&l| l as u64).sum();
-    check_len("names", c.names.len(), suffix_total as usize)?;
+    // Within `max_records`, so it fits.
+    let n = count as usize;
+    // The encoder lists only the locations its entries use.
+    if loc_table.len() / 16 > n {
+        return Err(wrong_len("loc_table", (loc_table.len() / 16) as u64, n));
+    }
+    let id_hi = r.varints("id_hi", n)?;
+    let id_lo_len = n
+        .checked_mul(8)
+        .ok_or_else(|| DecodeError::Malformed("id_lo overflows".into()))?;
+    let id_lo = r.bytes_exact("id_lo", id_lo_len)?;
+    let loc = r.varints("loc", n)?;
+    let parent: Vec<u64> = r.varints("parent", n)?;
+    let externs = parent.iter().filter(|&&p| p == 1).count();
+    let externs_len = externs
+        .checked_mul(16)
+        .ok_or_else(|| DecodeError::Malformed("extern_parents overflows".into()))?;
+    let extern_parents = r.bytes_exact("extern_parents", externs_len)?;
+    let name_prefix = r.varints("name_prefix", n)?;
+    let name_suffix: Vec<u32> = r.varints("name_suffix", n)?;
+    // At most `n` values below 2^32 each: no overflow in u64.
+    let suffix_total: u64 = name_suffix.iter().map(|&l| u64::from(l)).sum();
+    let names_len = usize::try_from(suffix_total)
+        .map_err(|_| DecodeError::Malformed("name bytes overflow".into()))?;
+    let names = r.bytes_exact("names", names_len)?;
+    let flags = r.bytes_exact("flags", n)?;
+    let size = r.varints("size", n)?;
+    let with_inode = flags.iter().filter(|&&f| f & FLAG_INODE != 0).count();
+    let inode = r.varints("inode", with_inode)?;
+    let created = r.varints("created", n)?;
+    let modified = r.varints("modified", n)?;
+    let seq = r.varints("seq", n)?;
+    Ok(Decoded {
+        locations,
+        loc_table,
+        count: n,
+        id_hi,
+        id_lo,
+        loc,
+        parent,
+        extern_parents,
+        name_prefix,
+        name_suffix,
+        names,
+        flags,
+        size,
+        inode,
+        created,
+        modified,
+        seq,
+    })
+}
 
-    // Ids first: parents refer to them.
+/// 16 bytes of a column as an id.
+fn id16(column: &'static str, bytes: &[u8]) -> Result<[u8; 16], DecodeError> {
+    <[u8; 16]>::try_from(bytes)
+        .map_err(|_| DecodeError::Malformed(format!("{column} is not whole ids")))
+}
+
+/// A timestamp of the batch. The deltas are summed wrapping, the exact
+/// inverse of the encoder (two valid timestamps can be further apart than
+/// `i64::MAX` microseconds); a sum outside chrono's range is no timestamp
+/// any encoder wrote.
+fn timestamp(i: usize, column: &str, us: i64) -> Result<DateTime<Utc>, DecodeError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| {
+        DecodeError::Malformed(format!(
+            "{column} of record {i} ({us} µs) is outside the representable range"
+        ))
+    })
+}
+
+/// Refuses an lz4 block that declares more than its bytes can expand to,
+/// before its buffer is allocated. A block that declares more than `max`
+/// is left to [`decompress_checked`], which reports the limit.
+fn check_expansion(payload: &[u8], max: usize) -> Result<(), DecodeError> {
+    let Some((head, body)) = payload.split_first_chunk::<4>() else {
+        return Ok(());
+    };
+    let declared = u64::from(u32::from_le_bytes(*head));
+    let most = (body.len() as u64).saturating_mul(LZ4_MAX_EXPANSION);
+    if declared <= max as u64 && declared > most {
+        return Err(DecodeError::Lz4(format!(
+            "a block of {} bytes cannot expand to the {declared} it declares",
+            body.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes a batch payload made by [`encode_records`]: locations first,
+/// then entries in their encoded order. Every length is checked against
+/// the limits before anything is allocated for it, every column against
+/// the record count, every reference against the batch before use, and
+/// arithmetic on decoded values cannot overflow.
+pub fn decode_records(payload: &[u8], limits: &BatchLimits) -> Result<Vec<Record>, DecodeError> {
+    let max_bytes = limits.decompressed_limit();
+    check_expansion(payload, max_bytes)?;
+    let raw = decompress_checked(payload, max_bytes)?;
+    let mut text = Budget::new(max_bytes);
+    let mut reader = Reader { rest: &raw };
+    let c = read_columns(&mut reader, limits, &mut text)?;
+    if !reader.rest.is_empty() {
+        return Err(DecodeError::Malformed(format!(
+            "{} trailing bytes after the batch",
+            reader.rest.len()
+        )));
+    }
+    let n = c.count;
+
+    // Ids first: parents refer to them. The high halves are wrapping
+    // deltas, like the encoder's: every u64 is an id half, so the sum is
+    // exact, never an overflow.
     let mut ids = Vec::with_capacity(n);
     let mut hi = 0u64;
-    for (i, d) in c.id_hi.iter().enumerate() {
+    for (d, lo) in c.id_hi.iter().zip(c.id_lo.chunks_exact(8)) {
         hi = hi.wrapping_add(*d as u64);
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&hi.to_be_bytes());
-        b[8..].copy_from_slice(&c.id_lo[i * 8..i * 8 + 8]);
+        b[8..].copy_from_slice(lo);
         ids.push(EntryId::from_bytes(b));
     }
 
-    let mut out = Vec::with_capacity(total as usize);
+    // Within `max_records`: checked by `read_columns`.
+    let mut out = Vec::with_capacity(n + c.locations.len());
     out.extend(c.locations.into_iter().map(Record::Location));
-    let mut extern_next = 0usize;
-    let mut name_at = 0usize;
-    let mut prev_name = String::new();
-    let (mut inode_i, mut prev_inode, mut prev_created, mut prev_modified, mut prev_seq) =
-        (0usize, 0u64, 0i64, 0i64, 0u64);
+    let entries_from = out.len();
+    let n_locs = c.loc_table.len() / 16;
+    let mut externs = c.extern_parents.chunks_exact(16);
+    let mut names = c.names;
+    let mut inodes = c.inode.iter();
+    // Inodes, seqs: wrapping deltas of u64s (seqs above i64::MAX are
+    // valid), exact for the same reason as the ids.
+    let (mut prev_inode, mut prev_created, mut prev_modified, mut prev_seq) =
+        (0u64, 0i64, 0i64, 0u64);
     for i in 0..n {
         let li = c.loc[i] as usize;
-        if (li + 1) * 16 > c.loc_table.len() {
+        if li >= n_locs {
             return Err(DecodeError::BadReference {
                 column: "loc",
                 index: li as u64,
             });
         }
-        let location = LocationId::from_bytes(id16(&c.loc_table[li * 16..li * 16 + 16]));
+        let location = LocationId::from_bytes(id16("loc_table", &c.loc_table[li * 16..][..16])?);
         let parent = match c.parent[i] {
             0 => None,
             1 => {
-                if (extern_next + 1) * 16 > c.extern_parents.len() {
+                let Some(p) = externs.next() else {
                     return Err(DecodeError::BadReference {
                         column: "extern_parents",
-                        index: extern_next as u64,
+                        index: i as u64,
                     });
-                }
-                let p = EntryId::from_bytes(id16(
-                    &c.extern_parents[extern_next * 16..extern_next * 16 + 16],
-                ));
-                extern_next += 1;
-                Some(p)
+                };
+                Some(EntryId::from_bytes(id16("extern_parents", p)?))
             }
-            v => {
-                let j = i as i64 - unzigzag(v - 2);
-                if j < 0 || j as usize >= n || j as usize == i {
-                    return Err(DecodeError::BadReference {
+            v @ 2.. => {
+                // `i - distance`, where the distance may be anything.
+                let j = (i as i64)
+                    .checked_sub(unzigzag(v - 2))
+                    .and_then(|j| usize::try_from(j).ok())
+                    .filter(|&j| j < n && j != i)
+                    .ok_or(DecodeError::BadReference {
                         column: "parent",
                         index: v,
-                    });
-                }
-                Some(ids[j as usize])
+                    })?;
+                Some(ids[j])
             }
+        };
+
+        let prev_name: &[u8] = match out.last() {
+            Some(Record::Entry(e)) if out.len() > entries_from => e.name.as_bytes(),
+            _ => b"",
         };
         let prefix = c.name_prefix[i] as usize;
         let suffix_len = c.name_suffix[i] as usize;
@@ -325,10 +637,19 @@ pub fn decode_records(payload: &[u8], limits: &BatchLimits) -> Result<Vec<Record
                 index: prefix as u64,
             });
         }
-        let mut name_bytes = Vec::with_capacity(prefix + suffix_len);
-        name_bytes.extend_from_slice(&prev_name.as_bytes()[..prefix]);
-        name_bytes.extend_from_slice(&c.names[name_at..name_at + suffix_len]);
-        name_at += suffix_len;
+        let Some((suffix, rest)) = names.split_at_checked(suffix_len) else {
+            return Err(DecodeError::BadReference {
+                column: "names",
+                index: i as u64,
+            });
+        };
+        names = rest;
+        // Both below 2^32: no overflow. Charged before it is allocated.
+        let len = prefix + suffix_len;
+        text.charge("names", len)?;
+        let mut name_bytes = Vec::with_capacity(len);
+        name_bytes.extend_from_slice(&prev_name[..prefix]);
+        name_bytes.extend_from_slice(suffix);
         let name = String::from_utf8(name_bytes)
             .map_err(|_| DecodeError::Malformed(format!("name of record {i} is not UTF-8")))?;
 
@@ -341,8 +662,10 @@ pub fn decode_records(payload: &[u8], limits: &BatchLimits) -> Result<Vec<Record
         let kind = EntryKind::from_code(flags & FLAG_KIND_MASK)
             .ok_or(DecodeError::UnknownKind(flags & FLAG_KIND_MASK))?;
         let inode = if flags & FLAG_INODE != 0 {
-            prev_inode = prev_inode.wrapping_add(c.inode[inode_i] as u64);
-            inode_i += 1;
+            let Some(d) = inodes.next() else {
+                return Err(wrong_len("inode", c.inode.len() as u64, i + 1));
+            };
+            prev_inode = prev_inode.wrapping_add(*d as u64);
             Some(prev_inode)
         } else {
             None
@@ -354,21 +677,15 @@ pub fn decode_records(payload: &[u8], limits: &BatchLimits) -> Result<Vec<Record
             id: ids[i],
             location,
             parent,
-            name: name.clone(),
+            name,
             kind,
             size: c.size[i],
             inode,
-            created_at: micros::from_micros(prev_created),
-            modified_at: micros::from_micros(prev_modified),
+            created_at: timestamp(i, "created_at", prev_created)?,
+            modified_at: timestamp(i, "modified_at", prev_modified)?,
             seq: Seq(prev_seq),
             deleted: flags & FLAG_DELETED != 0,
         }));
-        prev_name = name;
-    }
-    if extern_next * 16 != c.extern_parents.len() {
-        return Err(DecodeError::Malformed(
-            "unused parent ids in the batch".into(),
-        ));
     }
     Ok(out)
 }
@@ -503,5 +820,151 @@ mod tests {
             decode_records(&bytes, &BatchLimits::default()),
             Err(DecodeError::DecompressedTooLarge { .. })
         ));
+    }
+
+    /// Re-encodes `c` as a payload.
+    fn payload(c: &Columns) -> Vec<u8> {
+        compress(&postcard::to_stdvec(c).unwrap())
+    }
+
+    fn columns(recs: &[Record]) -> Columns {
+        let raw = lz4_flex::block::decompress_size_prepended(&encode_records(recs)).unwrap();
+        postcard::from_bytes(&raw).unwrap()
+    }
+
+    /// The deltas of ids, inodes, seqs and timestamps wrap on purpose:
+    /// values at both ends of their ranges, in any order, come back exact.
+    #[test]
+    fn extreme_values_round_trip() {
+        let loc = LocationId::new_v7();
+        let ends = [
+            DateTime::<Utc>::MIN_UTC,
+            truncate(DateTime::<Utc>::MAX_UTC),
+            DateTime::<Utc>::UNIX_EPOCH,
+        ];
+        let values = [0, u64::MAX, 1, u64::MAX - 1, i64::MAX as u64 + 1, 0];
+        let mut recs = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&v.to_be_bytes());
+            id[8..].copy_from_slice(&(!v).to_be_bytes());
+            recs.push(Record::Entry(Entry {
+                id: EntryId::from_bytes(id),
+                location: loc,
+                parent: None,
+                name: format!("{v}"),
+                kind: EntryKind::File,
+                size: *v,
+                inode: Some(values[values.len() - 1 - i]),
+                created_at: ends[i % 3],
+                modified_at: ends[(i + 1) % 3],
+                seq: Seq(*v),
+                deleted: false,
+            }));
+        }
+        let bytes = encode_records(&recs);
+        assert_eq!(
+            decode_records(&bytes, &BatchLimits::default()).unwrap(),
+            recs
+        );
+    }
+
+    fn truncate(t: DateTime<Utc>) -> DateTime<Utc> {
+        crate::model::truncate_to_micros(t)
+    }
+
+    /// A back-reference of `u64::MAX` is a distance of `-i64::MAX`: `i -
+    /// distance` overflowed (a panic in debug builds, garbage in release).
+    #[test]
+    fn overflowing_parent_back_reference_refused() {
+        let mut c = columns(&sample(3));
+        for v in [
+            u64::MAX,
+            u64::MAX - 1,
+            2 + zigzag(i64::MIN + 2),
+            2 + zigzag(2),
+        ] {
+            c.parent[1] = v;
+            assert!(
+                matches!(
+                    decode_records(&payload(&c), &BatchLimits::default()),
+                    Err(DecodeError::BadReference { column: "parent", index }) if index == v
+                ),
+                "{v}"
+            );
+        }
+        // A back-reference to itself.
+        c.parent[1] = 2 + zigzag(0);
+        assert!(matches!(
+            decode_records(&payload(&c), &BatchLimits::default()),
+            Err(DecodeError::BadReference {
+                column: "parent",
+                ..
+            })
+        ));
+    }
+
+    /// Timestamp deltas summing outside chrono's range: no encoder wrote
+    /// them (`from_micros` would have saturated them to another value).
+    #[test]
+    fn out_of_range_timestamp_refused() {
+        let mut c = columns(&sample(3));
+        c.created[1] = i64::MAX;
+        assert!(matches!(
+            decode_records(&payload(&c), &BatchLimits::default()),
+            Err(DecodeError::Malformed(m)) if m.contains("created_at of record 1")
+        ));
+        let mut c = columns(&sample(3));
+        c.modified[0] = i64::MIN;
+        assert!(matches!(
+            decode_records(&payload(&c), &BatchLimits::default()),
+            Err(DecodeError::Malformed(m)) if m.contains("modified_at of record 0")
+        ));
+    }
+
+    /// Every location the table lists is used; a reference past it is refused.
+    #[test]
+    fn location_references_are_checked() {
+        let mut c = columns(&sample(3));
+        c.loc[2] = 1;
+        assert!(matches!(
+            decode_records(&payload(&c), &BatchLimits::default()),
+            Err(DecodeError::BadReference {
+                column: "loc",
+                index: 1
+            })
+        ));
+        let mut c = columns(&sample(1));
+        c.loc_table.extend_from_slice(&[0; 16]);
+        assert!(matches!(
+            decode_records(&payload(&c), &BatchLimits::default()),
+            Err(DecodeError::ColumnLength {
+                column: "loc_table",
+                len: 2,
+                count: 1
+            })
+        ));
+    }
+
+    /// The decompressed limit follows `max_records`: a payload sized for
+    /// 100 records is refused when 10 are allowed, before decompression.
+    #[test]
+    fn decompressed_limit_follows_max_records() {
+        let recs = sample(3000);
+        let bytes = encode_records(&recs);
+        let declared = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        let limits = BatchLimits {
+            max_records: 10,
+            ..BatchLimits::default()
+        };
+        assert!(declared > limits.decompressed_limit());
+        assert!(matches!(
+            decode_records(&bytes, &limits),
+            Err(DecodeError::DecompressedTooLarge { .. })
+        ));
+        assert_eq!(
+            decode_records(&bytes, &BatchLimits::default()).unwrap(),
+            recs
+        );
     }
 }
