@@ -483,8 +483,14 @@ async fn snapshot_offers_cannot_exhaust_the_disk() {
     huge.chunks = huge.bytes.div_ceil(sync_core::SNAPSHOT_CHUNK_SIZE as u64) as u32;
     let e = s.b.begin_download(&huge).await.unwrap_err();
     assert!(matches!(e, StorageError::BadOffer(_)), "{e}");
+    // More records than seqs.
+    let mut liar = s.m.offer();
+    liar.entries = liar.max_seq.0 + 1;
+    let e = s.b.begin_download(&liar).await.unwrap_err();
+    assert!(matches!(e, StorageError::BadOffer(_)), "{e}");
     // Far more than the disk holds, with a record count to match.
     huge.entries = 1 << 40;
+    huge.max_seq = Seq(1 << 41);
     huge.bytes = 1 << 52;
     huge.chunks = u32::MAX;
     let e = s.b.begin_download(&huge).await.unwrap_err();

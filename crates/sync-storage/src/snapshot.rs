@@ -501,6 +501,13 @@ impl Store {
                 offer.bytes, offer.chunks, SNAPSHOT_CHUNK_SIZE
             )));
         }
+        // Each record holds its own seq in 1..=max_seq.
+        if offer.entries > offer.max_seq.0 {
+            return Err(StorageError::BadOffer(format!(
+                "{} records cannot have distinct seqs up to {}",
+                offer.entries, offer.max_seq
+            )));
+        }
         let max = max_snapshot_bytes(offer.entries);
         if offer.bytes > max {
             return Err(StorageError::BadOffer(format!(
