@@ -141,10 +141,11 @@ async fn spawn_in(
         made.push((dir.clone(), info, fp));
     }
     for (dir, info, _) in &made {
-        let trust = TrustStore::load(&EngineConfig::new(dir).trust_path()).expect("trust store");
+        let trust = TrustStore::load(&EngineConfig::new(dir).trust_path(), info.device_id)
+            .expect("trust store");
         for (_, other, fp) in &made {
             if other.device_id != info.device_id {
-                trust.trust(*fp, Some(other.device_id)).expect("trust");
+                trust.trust(*fp, other.device_id).expect("trust");
             }
         }
     }

@@ -10,5 +10,6 @@ mod hostile;
 mod hostile_bytes;
 mod hostile_orders;
 mod load;
+mod pairing;
 mod strategies;
 mod tidy;

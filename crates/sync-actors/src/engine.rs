@@ -26,7 +26,7 @@ use crate::indexer::{Commit, IndexPath, Indexer, Progress};
 use crate::peer_session::PeerSession;
 use crate::shared::{Shared, SharedRef};
 use crate::snapshot_exporter::{KEEP_SNAPSHOTS, SnapshotExporter};
-use crate::supervisor::{CloseAll, GetPeers, PeerStatus, Pump, TransferSupervisor};
+use crate::supervisor::{CloseAll, GetPeers, PeerStatus, Pump, TransferSupervisor, TrustChanged};
 
 /// What `status()` reports.
 #[derive(Clone, Debug)]
@@ -102,7 +102,7 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         tracing::warn!(cause = %e, "cannot prune finished downloads");
     }
     let identity = Identity::load(&config.identity_dir())?;
-    let trust = TrustStore::load(&config.trust_path())?;
+    let trust = TrustStore::load(&config.trust_path(), device.device_id)?;
     let net = NetConfig::new(
         Arc::new(identity),
         trust,
@@ -123,6 +123,9 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
     let exporter = SnapshotExporter::new(shared.clone()).start();
     let supervisor = TransferSupervisor::new(shared.clone(), exporter.clone()).start();
     let indexer = Indexer::new(shared.clone(), supervisor.clone()).start();
+    actix_rt::spawn(
+        watch_trust(shared.clone(), supervisor.clone()).instrument(info_span!("trust")),
+    );
     Ok(Actors {
         shared,
         supervisor,
@@ -460,6 +463,37 @@ fn start_session(
 /// Why a session closed when a newer one to the same peer took its place.
 pub(crate) const REPLACED: &str = "replaced by a newer session";
 
+/// How a session closed because its peer's pin was removed begins.
+pub(crate) const REVOKED: &str = "trust revoked";
+
+/// How often the engine looks for changes another process made to
+/// `trust.json` (one `stat` unless it changed).
+const TRUST_POLL: Duration = Duration::from_secs(1);
+
+/// Reloads the trust store when the file changes, and tells the supervisor
+/// of every change (from the file, or made through this process's
+/// handles), so that it closes the sessions of peers no longer pinned.
+async fn watch_trust(shared: SharedRef, supervisor: Addr<TransferSupervisor>) {
+    let trust = shared.net.trust.clone();
+    let mut changes = trust.subscribe();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                supervisor.do_send(TrustChanged);
+            }
+            _ = tokio::time::sleep(TRUST_POLL) => {
+                if let Err(e) = trust.refresh() {
+                    warn!(cause = %e, "cannot check the trust store for changes");
+                }
+            }
+        }
+    }
+}
+
 /// A session that lasted this long resets the redial backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
@@ -487,6 +521,11 @@ async fn redial(
         }
         if cause.as_deref() == Some(REPLACED) {
             // Another session to this peer took over; its own loop redials.
+            return;
+        }
+        if cause.as_deref().is_some_and(|c| c.starts_with(REVOKED)) {
+            // The peer is no longer trusted: dialing it again is pointless.
+            info!("peer revoked: not redialing");
             return;
         }
         loop {

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use sync_core::{DeviceId, LocationId, Seq, SnapshotId, Strategy, TransferId, Watermark};
+use sync_net::CertFingerprint;
 
 /// Which way a transfer moves records, seen from this device.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
@@ -72,6 +73,15 @@ pub enum SyncEvent {
         peer: DeviceId,
         /// Why, if it was not a clean close.
         cause: Option<String>,
+    },
+    /// A peer's pin was removed from the trust store (`lsync untrust`, or
+    /// another handle on `trust.json`): its sessions were closed at once
+    /// and its next handshakes are refused.
+    PeerRevoked {
+        /// The peer.
+        peer: DeviceId,
+        /// The certificate it authenticated with.
+        fingerprint: CertFingerprint,
     },
     /// A connection was refused (untrusted peer, bad hello, ...).
     PeerRefused {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
+use sync_core::untrusted::for_log;
 use sync_core::{DeviceId, ErrorCode, Message as Wire};
 use sync_net::{ConnReader, ConnWriter, NetError, PeerInfo};
 use sync_storage::SnapshotOfferInfo;
@@ -41,6 +42,14 @@ struct ReaderEnded {
 #[rtype(result = "()")]
 pub(crate) struct CloseSession {
     pub cause: Option<String>,
+}
+
+/// The peer's pin was removed: stop reading now (the supervisor already
+/// aborted the writer), then close.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct RevokeSession {
+    pub cause: String,
 }
 
 /// One connection's actor.
@@ -213,6 +222,16 @@ impl Handler<ReaderEnded> for PeerSession {
     }
 }
 
+impl Handler<RevokeSession> for PeerSession {
+    type Result = ();
+    fn handle(&mut self, msg: RevokeSession, ctx: &mut Context<Self>) {
+        self.writer.abort();
+        // The cause replaces any earlier one: this is why the session ends.
+        self.cause = Some(msg.cause.clone());
+        self.begin_close(Some(msg.cause), ctx);
+    }
+}
+
 impl Handler<CloseSession> for PeerSession {
     type Result = ();
     fn handle(&mut self, msg: CloseSession, ctx: &mut Context<Self>) {
@@ -254,6 +273,9 @@ impl Router {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return None,
                 Err(NetError::Refused { code, message }) => {
+                    // The connection already bounded the peer's text; this
+                    // keeps any other source of a refusal just as safe.
+                    let message = for_log(&message);
                     warn!(peer = %self.peer.fmt_short(), ?code, %message, "peer refused");
                     return Some(format!("peer refused: {code:?}: {message}"));
                 }
@@ -450,6 +472,7 @@ impl Router {
             }
             Wire::Hello { .. } => Err((ErrorCode::Unexpected, "second hello".into())),
             Wire::Error { code, message } => {
+                let message = for_log(&message).into_owned();
                 debug!(?code, %message, "peer error frame");
                 Err((code, message))
             }

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::broadcaster::{BatchBroadcaster, Cancel, Control, Forward, Pace, Plan, Totals};
 use crate::error::EngineError;
 use crate::events::{Direction, SyncEvent};
-use crate::peer_session::{CloseSession, PeerSession};
+use crate::peer_session::{CloseSession, PeerSession, RevokeSession};
 use crate::shared::SharedRef;
 use crate::snapshot_exporter::{Export, SnapshotExporter};
 
@@ -102,6 +102,12 @@ pub(crate) struct TransferEnded {
     pub outcome: Outcome,
 }
 
+/// The trust store changed: close the sessions of peers no longer pinned
+/// as the certificate and device they authenticated with.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct TrustChanged;
+
 /// Close every session (shutdown).
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -159,6 +165,8 @@ struct PeerState {
     pumping: bool,
     waiting: bool,
     repump: bool,
+    /// The peer's pin was removed: nothing more is planned for it.
+    revoked: bool,
 }
 
 /// What a peer holds after acknowledging `last` of sequence `index_id`.
@@ -244,6 +252,9 @@ impl TransferSupervisor {
             .commits_in_flight
             .load(std::sync::atomic::Ordering::SeqCst)
             > 0;
+        if st.revoked {
+            return;
+        }
         if !st.watermarks_seen || st.outgoing.is_some() || st.pumping || st.waiting || committing {
             st.repump = true;
             return;
@@ -622,8 +633,56 @@ impl Handler<SessionOpened> for TransferSupervisor {
                 pumping: false,
                 waiting: false,
                 repump: false,
+                revoked: false,
             },
         );
+        // The pin may have gone between the handshake and now.
+        self.revoke_untrusted();
+    }
+}
+
+impl TransferSupervisor {
+    /// Closes at once the sessions of peers whose certificate is no longer
+    /// pinned as the device they authenticated as; emits `PeerRevoked`.
+    fn revoke_untrusted(&mut self) {
+        let trust = &self.shared.net.trust;
+        for (peer, st) in self.peers.iter_mut() {
+            if st.revoked || trust.lookup(&st.info.fingerprint) == Some(*peer) {
+                continue;
+            }
+            st.revoked = true;
+            let fingerprint = st.info.fingerprint;
+            warn!(
+                peer = %peer.fmt_short(),
+                fingerprint = %fingerprint.short(),
+                "trust revoked: closing the session"
+            );
+            // Nothing more leaves for the peer: queued frames are dropped.
+            st.writer.abort();
+            if let Some(OutKind::Broadcast(addr, _)) = st.outgoing.as_ref().map(|o| &o.kind) {
+                addr.do_send(Cancel);
+            }
+            if let Some(s) = &st.session {
+                s.do_send(RevokeSession {
+                    cause: format!(
+                        "{}: certificate {} of device {peer} is no longer pinned",
+                        crate::engine::REVOKED,
+                        fingerprint.short()
+                    ),
+                });
+            }
+            self.shared.emit(SyncEvent::PeerRevoked {
+                peer: *peer,
+                fingerprint,
+            });
+        }
+    }
+}
+
+impl Handler<TrustChanged> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, _: TrustChanged, _: &mut Context<Self>) {
+        self.revoke_untrusted();
     }
 }
 

@@ -278,8 +278,10 @@ async fn prepare(root: &Path, n: u64, quiet: bool) -> anyhow::Result<Prepared> {
     let (send, recv) = (root.join("send-base"), root.join("recv-base"));
     let (a, fp_a) = init_device(&send, "bench-sender", None).await?;
     let (b, fp_b) = init_device(&recv, "bench-receiver", Some(a.library_id)).await?;
-    TrustStore::load(&EngineConfig::new(&send).trust_path())?.trust(fp_b, Some(b.device_id))?;
-    TrustStore::load(&EngineConfig::new(&recv).trust_path())?.trust(fp_a, Some(a.device_id))?;
+    TrustStore::load(&EngineConfig::new(&send).trust_path(), a.device_id)?
+        .trust(fp_b, b.device_id)?;
+    TrustStore::load(&EngineConfig::new(&recv).trust_path(), b.device_id)?
+        .trust(fp_a, a.device_id)?;
     let store = Store::open(&EngineConfig::new(&send).db_path()).await?;
     let started = Instant::now();
     generate_into(&store, a.device_id, n, 1, quiet).await?;

@@ -38,7 +38,8 @@ pub enum Command {
         /// Device name.
         #[arg(long)]
         name: Option<String>,
-        /// Join an existing library (its id, from `lsync id` on another device).
+        /// Create it in an existing library (its id, from `lsync id` on
+        /// another device); `join` does this and pairs the two.
         #[arg(long)]
         library: Option<String>,
     },
@@ -48,13 +49,54 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Pin a peer's certificate fingerprint.
+    /// Print a pairing string for another device: `lsync join STRING` there.
+    Invite {
+        /// An address the other device can dial this one at (HOST:PORT),
+        /// carried in the string.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pair with the device that printed this string (`lsync invite`):
+    /// creates this device in its library if `--data` holds none (checks
+    /// the library otherwise), pins the other device, and prints what to
+    /// run on it to pin this one back.
+    Join {
+        /// The pairing string.
+        invite: String,
+        /// Device name, if this creates the device.
+        #[arg(long)]
+        name: Option<String>,
+        /// An address the other device can dial this one at (HOST:PORT),
+        /// carried in the reply string.
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin a peer's certificate as its device id (for scripts; `invite`
+    /// and `join` do it for you). A pin is never replaced: `untrust` first.
     Trust {
         /// The peer's fingerprint (`lsync id` on the peer).
         fingerprint: String,
-        /// The peer's device id (otherwise learned at the first handshake).
+        /// The peer's device id (`lsync id` on the peer).
         #[arg(long)]
-        device: Option<String>,
+        device: String,
+    },
+    /// Remove a peer's pin: a running `serve` or `connect` closes its
+    /// sessions at once, and its handshakes are refused from then on.
+    Untrust {
+        /// The peer's certificate fingerprint or device id.
+        peer: String,
+    },
+    /// List the pinned peers.
+    Trusted {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// Index a real folder as a location.
     Index {

@@ -25,8 +25,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (dir_a, dir_b) = (tmp.path().join("device-a"), tmp.path().join("device-b"));
     let (a, fp_a) = init_device(&dir_a, "device-a", None).await?;
     let (b, fp_b) = init_device(&dir_b, "device-b", Some(a.library_id)).await?;
-    TrustStore::load(&EngineConfig::new(&dir_a).trust_path())?.trust(fp_b, Some(b.device_id))?;
-    TrustStore::load(&EngineConfig::new(&dir_b).trust_path())?.trust(fp_a, Some(a.device_id))?;
+    TrustStore::load(&EngineConfig::new(&dir_a).trust_path(), a.device_id)?
+        .trust(fp_b, b.device_id)?;
+    TrustStore::load(&EngineConfig::new(&dir_b).trust_path(), b.device_id)?
+        .trust(fp_a, a.device_id)?;
     if !quiet {
         eprintln!(
             "device A {} and device B {} paired",

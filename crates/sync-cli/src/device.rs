@@ -1,4 +1,5 @@
-//! Device commands: `init`, `id`, `trust`, `index`, `status`.
+//! Device commands: `init`, `id`, `invite`, `join`, `trust`, `untrust`,
+//! `trusted`, `index`, `status`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use sync_actors::{EngineConfig, SyncEngine, init_device};
 use sync_core::{DeviceId, LibraryId};
-use sync_net::{CertFingerprint, Identity, TrustStore};
+use sync_net::{CertFingerprint, Identity, Invite, TrustStore, check_address};
 use sync_storage::{DeviceInfo, Store};
 
 use crate::cli::Tuning;
@@ -49,6 +50,24 @@ pub async fn start_tuned(data: &Path, tuning: Tuning) -> anyhow::Result<SyncEngi
     Ok(SyncEngine::start(config).await?)
 }
 
+/// The device created in `data`, if there is one.
+async fn existing_device(data: &Path) -> anyhow::Result<Option<DeviceInfo>> {
+    let config = EngineConfig::new(data);
+    if !config.db_path().exists() {
+        return Ok(None);
+    }
+    let store = Store::open(&config.db_path())
+        .await
+        .with_context(|| format!("cannot open the library in {}", data.display()))?;
+    let device = store.device().await;
+    store.close().await;
+    Ok(device?)
+}
+
+fn default_name(name: Option<String>) -> String {
+    name.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "device".to_string()))
+}
+
 /// `lsync init`.
 pub async fn init(
     data: &Path,
@@ -62,10 +81,18 @@ pub async fn init(
         ),
         None => None,
     };
-    let name =
-        name.unwrap_or_else(|| std::env::var("HOSTNAME").unwrap_or_else(|_| "device".to_string()));
+    if let (Some(existing), Some(wanted)) = (existing_device(data).await?, library)
+        && existing.library_id != wanted
+    {
+        bail!(
+            "{} already holds device {} of library {}; a device cannot move to library {wanted}: use a fresh --data directory",
+            data.display(),
+            existing.device_id,
+            existing.library_id
+        );
+    }
     std::fs::create_dir_all(data).with_context(|| format!("cannot create {}", data.display()))?;
-    let (device, fingerprint) = init_device(data, &name, library).await?;
+    let (device, fingerprint) = init_device(data, &default_name(name), library).await?;
     println!("device_id   {}", device.device_id);
     println!("library_id  {}", device.library_id);
     println!("fingerprint {fingerprint}");
@@ -73,14 +100,18 @@ pub async fn init(
 }
 
 fn load_identity(data: &Path) -> anyhow::Result<Identity> {
-    let config = EngineConfig::new(data);
-    Identity::load(&config.identity_dir()).map_err(|e| {
-        anyhow::anyhow!(
-            "{} holds no device identity ({e}): run `lsync --data {} init` first",
+    let dir = EngineConfig::new(data).identity_dir();
+    let present = |f: &str| dir.join(f).symlink_metadata().is_ok();
+    if !present(sync_net::KEY_FILE) && !present(sync_net::DEVICE_ID_FILE) {
+        bail!(
+            "{} holds no device identity: run `lsync --data {} init` first",
             data.display(),
             data.display()
-        )
-    })
+        );
+    }
+    // An identity that is there but unusable (say, a key others can read)
+    // is reported as it is: `init` would not fix it.
+    Ok(Identity::load(&dir)?)
 }
 
 /// `lsync id`.
@@ -100,22 +131,229 @@ pub async fn id(data: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `lsync trust`.
-pub fn trust(data: &Path, fingerprint: &str, device: Option<String>) -> anyhow::Result<()> {
-    load_identity(data)?;
-    let fp: CertFingerprint = fingerprint
-        .parse()
-        .map_err(|e| anyhow::anyhow!("bad fingerprint {fingerprint:?}: {e}"))?;
-    let device = match device {
-        Some(d) => Some(
-            d.parse::<DeviceId>()
-                .map_err(|e| anyhow::anyhow!("bad device id {d:?}: {e}"))?,
-        ),
-        None => None,
+/// The device's trust store, for a change: a file that breaks the rules
+/// is opened with its valid pins so that `trust` and `untrust` can repair it.
+fn trust_store(data: &Path, me: DeviceId) -> anyhow::Result<TrustStore> {
+    let (store, _) = TrustStore::load_lenient(&EngineConfig::new(data).trust_path(), me)?;
+    Ok(store)
+}
+
+/// Warns (stderr) about what the engine would refuse the trust store for.
+fn warn_problems(store: &TrustStore) {
+    for p in store.problems().unwrap_or_default() {
+        eprintln!("warning: {p}");
+    }
+}
+
+fn parse_fingerprint(text: &str) -> anyhow::Result<CertFingerprint> {
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("bad fingerprint {text:?}: {e}"))
+}
+
+fn parse_device(text: &str) -> anyhow::Result<DeviceId> {
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("bad device id {text:?}: {e}"))
+}
+
+/// `lsync trust FINGERPRINT --device ID`.
+pub async fn trust(data: &Path, fingerprint: &str, device: &str) -> anyhow::Result<()> {
+    let identity = load_identity(data)?;
+    let fp = parse_fingerprint(fingerprint)?;
+    let device = parse_device(device)?;
+    if fp == identity.fingerprint {
+        bail!("certificate {fp} is this device's own: pin the other device's fingerprint");
+    }
+    let store = trust_store(data, identity.device_id)?;
+    if store.trust(fp, device)? {
+        println!("trusted {fp} as device {device}");
+    } else {
+        println!("already trusted: {fp} as device {device}");
+    }
+    warn_problems(&store);
+    Ok(())
+}
+
+/// `lsync untrust FINGERPRINT|DEVICE`.
+pub async fn untrust(data: &Path, peer: &str) -> anyhow::Result<()> {
+    let identity = load_identity(data)?;
+    let store = trust_store(data, identity.device_id)?;
+    if let Ok(fp) = peer.parse::<CertFingerprint>() {
+        let device = store.lookup(&fp);
+        if !store.untrust(&fp)? {
+            bail!("certificate {fp} is not pinned (`lsync trusted` lists the pins)");
+        }
+        match device {
+            Some(d) => println!("untrusted device {d} (certificate {fp})"),
+            None => println!("untrusted certificate {fp}"),
+        }
+    } else if let Ok(device) = peer.parse::<DeviceId>() {
+        match store.untrust_device(device)? {
+            Some(fp) => println!("untrusted device {device} (certificate {fp})"),
+            None => bail!("device {device} is not pinned (`lsync trusted` lists the pins)"),
+        }
+    } else {
+        bail!(
+            "{peer:?} is neither a certificate fingerprint (64 hex digits) nor a device id (a UUID)"
+        );
+    }
+    warn_problems(&store);
+    Ok(())
+}
+
+/// `lsync trusted`.
+pub async fn trusted(data: &Path, json: bool) -> anyhow::Result<()> {
+    let identity = load_identity(data)?;
+    let (store, problems) =
+        TrustStore::load_lenient(&EngineConfig::new(data).trust_path(), identity.device_id)?;
+    let pins = store.entries();
+    if json {
+        let pins: Vec<_> = pins
+            .iter()
+            .map(|(fp, d)| json!({"device_id": d.to_string(), "fingerprint": fp.to_string()}))
+            .collect();
+        let problems: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        println!("{}", json!({"peers": pins, "problems": problems}));
+    } else {
+        for (fp, d) in &pins {
+            println!("{d}  {fp}");
+        }
+        if pins.is_empty() {
+            println!("no peer is pinned: pair with `lsync invite` and `lsync join`");
+        }
+        for p in &problems {
+            eprintln!("warning: {p}");
+        }
+    }
+    Ok(())
+}
+
+/// `lsync invite`.
+pub async fn invite(data: &Path, address: Option<String>, json: bool) -> anyhow::Result<()> {
+    let identity = load_identity(data)?;
+    let (store, device) = open_store(data).await?;
+    store.close().await;
+    if let Some(a) = &address {
+        check_address(a)?;
+    }
+    let invite = Invite {
+        reply: false,
+        library: device.library_id,
+        device: identity.device_id,
+        fingerprint: identity.fingerprint,
+        address,
     };
-    let store = TrustStore::load(&EngineConfig::new(data).trust_path())?;
-    store.trust(fp, device)?;
-    println!("trusted {fp}");
+    if json {
+        println!(
+            "{}",
+            json!({
+                "invite": invite.to_string(),
+                "device_id": invite.device.to_string(),
+                "library_id": invite.library.to_string(),
+                "fingerprint": invite.fingerprint.to_string(),
+                "address": invite.address,
+            })
+        );
+    } else {
+        println!("{invite}");
+        eprintln!("on the other device, run: lsync --data DIR join {invite}");
+    }
+    Ok(())
+}
+
+/// `lsync join STRING`.
+pub async fn join(
+    data: &Path,
+    text: &str,
+    name: Option<String>,
+    address: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let invite: Invite = text.parse()?;
+    if let Some(a) = &address {
+        check_address(a)?;
+    }
+    let (device, created) = match existing_device(data).await? {
+        Some(d) if d.library_id != invite.library => bail!(
+            "{} holds device {} of library {}, but the pairing string is for library {}: \
+             join with a fresh --data directory",
+            data.display(),
+            d.device_id,
+            d.library_id,
+            invite.library
+        ),
+        Some(d) => (d, false),
+        None => {
+            std::fs::create_dir_all(data)
+                .with_context(|| format!("cannot create {}", data.display()))?;
+            let (d, _) = init_device(data, &default_name(name), Some(invite.library)).await?;
+            (d, true)
+        }
+    };
+    let identity = load_identity(data)?;
+    if invite.device == identity.device_id || invite.fingerprint == identity.fingerprint {
+        bail!(
+            "this pairing string is this device's own: run `lsync join` with it on the other device"
+        );
+    }
+    let store = trust_store(data, identity.device_id)?;
+    let added = store.trust(invite.fingerprint, invite.device)?;
+    warn_problems(&store);
+    let reply = Invite {
+        reply: true,
+        library: device.library_id,
+        device: identity.device_id,
+        fingerprint: identity.fingerprint,
+        address,
+    };
+    let trust_command = format!(
+        "lsync trust {} --device {}",
+        identity.fingerprint, identity.device_id
+    );
+    if json {
+        println!(
+            "{}",
+            json!({
+                "created": created,
+                "device_id": identity.device_id.to_string(),
+                "library_id": device.library_id.to_string(),
+                "fingerprint": identity.fingerprint.to_string(),
+                "pinned": {
+                    "device_id": invite.device.to_string(),
+                    "fingerprint": invite.fingerprint.to_string(),
+                    "address": invite.address,
+                },
+                "already_pinned": !added,
+                "reply": (!invite.reply).then(|| reply.to_string()),
+                "trust_command": trust_command,
+            })
+        );
+        return Ok(());
+    }
+    if created {
+        println!(
+            "created device {} ({}) in library {}",
+            identity.device_id, device.name, device.library_id
+        );
+    }
+    let verb = if added { "pinned" } else { "already pinned" };
+    println!(
+        "{verb} device {} (certificate {})",
+        invite.device, invite.fingerprint
+    );
+    if invite.reply {
+        println!("paired: both devices pin each other");
+    } else {
+        println!("now pin this device on the other one; run there:");
+        println!("  lsync --data DIR join {reply}");
+        println!("or, in a script:");
+        println!(
+            "  lsync --data DIR trust {} --device {}",
+            identity.fingerprint, identity.device_id
+        );
+    }
+    if let Some(addr) = &invite.address {
+        println!("then sync with it: lsync --data DIR connect {addr} --until-synced");
+    }
     Ok(())
 }
 

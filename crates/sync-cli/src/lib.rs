@@ -1,5 +1,6 @@
 //! The `lsync` command line as a library: demo, bench, and a device's
-//! lifecycle (init, id, trust, index, generate, serve, connect, status).
+//! lifecycle (init, id, invite, join, trust, untrust, trusted, index,
+//! generate, serve, connect, status).
 //! `src/main.rs` is the `lsync` binary; the workspace tests build the same
 //! entry point into their own binary to drive it as separate processes.
 
@@ -61,10 +62,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args).await,
         Command::Init { name, library } => device::init(&data?, name, library).await,
         Command::Id { json } => device::id(&data?, json).await,
+        Command::Invite { address, json } => device::invite(&data?, address, json).await,
+        Command::Join {
+            invite,
+            name,
+            address,
+            json,
+        } => device::join(&data?, &invite, name, address, json).await,
         Command::Trust {
             fingerprint,
             device,
-        } => device::trust(&data?, &fingerprint, device),
+        } => device::trust(&data?, &fingerprint, &device).await,
+        Command::Untrust { peer } => device::untrust(&data?, &peer).await,
+        Command::Trusted { json } => device::trusted(&data?, json).await,
         Command::Index { path, json } => device::index(&data?, &path, json).await,
         Command::Generate {
             entries,

@@ -65,32 +65,59 @@ struct Pair {
     a_id: String,
 }
 
-/// Two devices of one library that trust each other, set up with the CLI.
+/// Two devices of one library that pin each other, paired the way the
+/// README says: `invite` on A, `join` on a fresh B, `join` of B's reply on A.
 fn pair() -> Pair {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let out = ok(&a, &["init", "--name", "a"]);
-    let library = out
-        .lines()
-        .find_map(|l| l.strip_prefix("library_id"))
-        .unwrap()
-        .trim()
-        .to_string();
-    ok(&b, &["init", "--name", "b", "--library", &library]);
+    ok(&a, &["init", "--name", "a"]);
+    let invite = ok(&a, &["invite"]).trim().to_string();
+    let joined = ok_json(&b, &["join", &invite, "--name", "b", "--json"]);
+    let reply = joined["reply"].as_str().unwrap().to_string();
+    let out = ok(&a, &["join", &reply]);
+    assert!(out.contains("paired"), "{out}");
     let id_a = ok_json(&a, &["id", "--json"]);
-    let id_b = ok_json(&b, &["id", "--json"]);
-    let fp = |v: &Value| v["fingerprint"].as_str().unwrap().to_string();
-    let dev = |v: &Value| v["device_id"].as_str().unwrap().to_string();
-    assert_eq!(fp(&id_a).len(), 64);
-    ok(&a, &["trust", &fp(&id_b), "--device", &dev(&id_b)]);
-    // B learns A's device id at the first handshake.
-    ok(&b, &["trust", &fp(&id_a)]);
     Pair {
         _tmp: tmp,
         a,
         b,
-        a_id: dev(&id_a),
+        a_id: id_a["device_id"].as_str().unwrap().to_string(),
     }
+}
+
+/// `lsync id --json` of a device: (device id, fingerprint).
+fn id_of(data: &Path) -> (String, String) {
+    let v = ok_json(data, &["id", "--json"]);
+    (
+        v["device_id"].as_str().unwrap().to_string(),
+        v["fingerprint"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The pins of a device, as (device id, fingerprint).
+fn pins(data: &Path) -> Vec<(String, String)> {
+    let v = ok_json(data, &["trusted", "--json"]);
+    v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["device_id"].as_str().unwrap().to_string(),
+                p["fingerprint"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Runs a command that must fail with one line on stderr; returns it.
+fn fails(data: &Path, args: &[&str]) -> String {
+    let out = run(data, args);
+    assert!(!out.status.success(), "lsync {args:?} succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(stderr.starts_with("error:"), "{stderr}");
+    stderr
 }
 
 struct Server(Child);
@@ -330,7 +357,17 @@ fn bad_input_gets_one_clear_line_and_a_failure_exit() {
             vec!["connect", "not an address", "--until-synced"],
             "not an address",
         ),
-        (vec!["trust", "zz"], "fingerprint"),
+        (
+            vec![
+                "trust",
+                "zz",
+                "--device",
+                "01a2342c-9821-7491-966f-a43b9e6316f9",
+            ],
+            "fingerprint",
+        ),
+        (vec!["join", "lsync-aaaa"], "pairing string"),
+        (vec!["untrust", "nobody"], "neither"),
         (
             vec!["index", "/definitely/not/a/folder"],
             "/definitely/not/a/folder",
@@ -353,9 +390,9 @@ fn an_unreadable_folder_is_skipped_reported_and_its_entries_kept() {
     write(&tree.join("ok/a.txt"), 1);
     write(&tree.join("locked/b.txt"), 1);
     write(&tree.join("locked/c.txt"), 1);
-    ok(&data, &["init", "--name", "a"]);
     make_world_writable(tmp.path());
-    let index = |data: &Path| -> Value {
+    // The device belongs to the user who runs lsync: its files are owner-only.
+    let as_user = |args: &[&str]| -> Output {
         let mut cmd = if is_root() {
             let mut c = Command::new("setpriv");
             c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -364,17 +401,17 @@ fn an_unreadable_folder_is_skipped_reported_and_its_entries_kept() {
         } else {
             lsync()
         };
-        let out = cmd
-            .arg("--data")
-            .arg(data)
-            .args(["index", tree.to_str().unwrap(), "--json"])
-            .output()
-            .unwrap();
+        let out = cmd.arg("--data").arg(&data).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        out
+    };
+    as_user(&["init", "--name", "a"]);
+    let index = |_: &Path| -> Value {
+        let out = as_user(&["index", tree.to_str().unwrap(), "--json"]);
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let first = index(&data);
@@ -414,4 +451,306 @@ fn is_root() -> bool {
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
         })
         .unwrap_or(false)
+}
+
+/// `serve` with its log (stderr, `info`) written to `log`.
+fn serve_logged(data: &Path, addr: &str, log: &Path) -> Server {
+    let child = lsync()
+        .arg("--data")
+        .arg(data)
+        .args(["serve", "--listen", addr])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server(child)
+}
+
+/// Waits until `log` holds a line containing `needle`.
+fn wait_log(log: &Path, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never logged; log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn invite_then_join_pairs_two_devices_that_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    ok(&a, &["init", "--name", "a"]);
+    ok_json(&a, &["generate", "--entries", "3000", "--json"]);
+    let addr = free_addr();
+    let invite = ok_json(&a, &["invite", "--address", &addr, "--json"]);
+    let (a_id, a_fp) = id_of(&a);
+    assert_eq!(invite["device_id"], a_id.as_str());
+    assert_eq!(invite["fingerprint"], a_fp.as_str());
+    assert_eq!(invite["address"], addr.as_str());
+    let text = invite["invite"].as_str().unwrap();
+    assert!(text.starts_with("lsync-"), "{text}");
+
+    // `join` on a fresh data directory creates the device in A's library.
+    let joined = ok_json(&b, &["join", text, "--name", "b", "--json"]);
+    assert_eq!(joined["created"], true);
+    assert_eq!(joined["library_id"], invite["library_id"]);
+    assert_eq!(joined["pinned"]["device_id"], a_id.as_str());
+    assert_eq!(joined["pinned"]["address"], addr.as_str());
+    let (b_id, b_fp) = id_of(&b);
+    assert_eq!(pins(&b), vec![(a_id.clone(), a_fp.clone())]);
+    assert_eq!(
+        joined["trust_command"],
+        format!("lsync trust {b_fp} --device {b_id}").as_str()
+    );
+    // The text output tells the user what to run on A.
+    let again = ok(&b, &["join", text]);
+    assert!(again.contains("already pinned"), "{again}");
+    assert!(again.contains("join lsync-"), "{again}");
+    assert!(
+        again.contains(&format!("trust {b_fp} --device {b_id}")),
+        "{again}"
+    );
+    assert!(again.contains(&format!("connect {addr}")), "{again}");
+
+    // Before A pins B back, B is refused.
+    let _server = serve(&a, &addr);
+    fails(&b, &["connect", &addr, "--until-synced", "--timeout", "10"]);
+    let out = ok(&a, &["join", joined["reply"].as_str().unwrap()]);
+    assert!(out.contains("paired"), "{out}");
+    assert_eq!(pins(&a), vec![(b_id.clone(), b_fp.clone())]);
+    // A running `serve` takes the new pin without a restart.
+    let synced = ok_json(&b, &["connect", &addr, "--until-synced", "--json"]);
+    assert_eq!(synced["peer"], a_id.as_str());
+    let pair = Pair {
+        _tmp: tmp,
+        a: a.clone(),
+        b: b.clone(),
+        a_id,
+    };
+    assert_same_owner_state(&pair);
+    assert_eq!(owner_status(&b, &pair.a_id)["entries"], 3000);
+}
+
+#[test]
+fn join_refuses_a_mistyped_string_another_library_and_its_own_invite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    ok(&a, &["init", "--name", "a"]);
+    let invite = ok(&a, &["invite"]).trim().to_string();
+    // One character changed: refused, and nothing is created.
+    let mut typo = invite.clone().into_bytes();
+    let i = typo.len() / 2;
+    typo[i] = if typo[i] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    let e = fails(&b, &["join", &typo]);
+    assert!(e.contains("checksum") && e.contains("mistyped"), "{e}");
+    assert!(
+        !b.join("library.db").exists(),
+        "a refused join created a device"
+    );
+    let e = fails(&b, &["join", &invite[..invite.len() - 3]]);
+    assert!(e.contains("pairing string"), "{e}");
+    // A device of another library cannot join.
+    ok(&c, &["init", "--name", "c"]);
+    let e = fails(&c, &["join", &invite]);
+    assert!(e.contains("library"), "{e}");
+    assert!(pins(&c).is_empty());
+    // `init --library` on a device of another library is refused too
+    // (it used to succeed silently, keeping the old library).
+    let library = ok_json(&a, &["invite", "--json"])["library_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let e = fails(&c, &["init", "--library", &library]);
+    assert!(e.contains("cannot move"), "{e}");
+    // A device does not pin itself.
+    let e = fails(&a, &["join", &invite]);
+    assert!(e.contains("own"), "{e}");
+    assert!(pins(&a).is_empty());
+    // A bad address is refused before anything is printed.
+    let e = fails(&a, &["invite", "--address", "no port"]);
+    assert!(e.contains("HOST:PORT"), "{e}");
+}
+
+#[test]
+fn trust_needs_a_device_id_and_never_rebinds_or_pins_itself() {
+    let pair = pair();
+    let (a_id, a_fp) = id_of(&pair.a);
+    let (b_id, b_fp) = id_of(&pair.b);
+    let other_fp = "ab".repeat(32);
+    let other_id = "01a2342c-9821-7491-966f-a43b9e6316f9";
+    // No more pins without a device id.
+    let out = run(&pair.a, &["trust", &other_fp]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--device"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // B's certificate is pinned to B: re-trusting it as another id fails.
+    let e = fails(&pair.a, &["trust", &b_fp, "--device", other_id]);
+    assert!(e.contains("already pinned") && e.contains("untrust"), "{e}");
+    // B's id is pinned to B's certificate: another certificate cannot claim it.
+    let e = fails(&pair.a, &["trust", &other_fp, "--device", &b_id]);
+    assert!(e.contains("already pinned") && e.contains(&b_fp), "{e}");
+    // Never our own id, nor our own certificate.
+    let e = fails(&pair.a, &["trust", &other_fp, "--device", &a_id]);
+    assert!(e.contains("this device"), "{e}");
+    let e = fails(&pair.a, &["trust", &a_fp, "--device", other_id]);
+    assert!(e.contains("own"), "{e}");
+    assert_eq!(pins(&pair.a), vec![(b_id.clone(), b_fp.clone())]);
+    // The same pin again is fine; after an explicit untrust, B's id can be
+    // pinned to a new certificate.
+    ok(&pair.a, &["trust", &b_fp, "--device", &b_id]);
+    let out = ok(&pair.a, &["untrust", &b_id]);
+    assert!(out.contains(&b_fp), "{out}");
+    fails(&pair.a, &["untrust", &b_id]);
+    ok(&pair.a, &["trust", &other_fp, "--device", &b_id]);
+    assert_eq!(pins(&pair.a), vec![(b_id, other_fp.clone())]);
+    ok(&pair.a, &["untrust", &other_fp]);
+    assert!(pins(&pair.a).is_empty());
+}
+
+#[test]
+fn concurrent_lsync_trust_processes_keep_every_pin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    ok(&a, &["init", "--name", "a"]);
+    let n = 12;
+    let children: Vec<(Child, String, String)> = (0..n)
+        .map(|i| {
+            let fp = format!("{i:02x}").repeat(32);
+            let dev = format!("01a2342c-9821-7491-966f-a43b9e63{i:04x}");
+            let child = lsync()
+                .arg("--data")
+                .arg(&a)
+                .args(["trust", &fp, "--device", &dev])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (child, fp, dev)
+        })
+        .collect();
+    let mut want = Vec::new();
+    for (child, fp, dev) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        want.push((dev, fp));
+    }
+    let mut got = pins(&a);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "a concurrent `lsync trust` lost a pin");
+    // Nothing but the store and its lock file beside the data.
+    let leftovers: Vec<String> = std::fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("trust") && n != "trust.json" && n != "trust.json.lock")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn untrust_while_serving_closes_the_session_and_the_peer_cannot_reconnect() {
+    let pair = pair();
+    let (b_id, _) = id_of(&pair.b);
+    let addr = free_addr();
+    let log = pair.a.join("serve.log");
+    let _server = serve_logged(&pair.a, &addr, &log);
+    // B stays connected (no --until-synced).
+    let _connected = Server(
+        lsync()
+            .arg("--data")
+            .arg(&pair.b)
+            .args(["connect", &addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_log(&log, "peer connected", Duration::from_secs(30));
+    ok(&pair.a, &["untrust", &b_id]);
+    // The running server notices within its poll and closes at once.
+    wait_log(&log, "trust revoked", Duration::from_secs(5));
+    wait_log(
+        &log,
+        "refusing unpinned certificate",
+        Duration::from_secs(10),
+    );
+    let e = fails(
+        &pair.b,
+        &["connect", &addr, "--until-synced", "--timeout", "5"],
+    );
+    assert!(e.contains("does not trust"), "{e}");
+}
+
+#[test]
+fn a_trust_file_with_pins_without_device_ids_is_refused_until_fixed() {
+    let pair = pair();
+    let (a_id, a_fp) = id_of(&pair.a);
+    // What an older `lsync trust FP` (without --device) wrote.
+    std::fs::write(
+        pair.b.join("trust.json"),
+        format!(r#"{{"version":1,"peers":[{{"fingerprint":"{a_fp}","device":null}}]}}"#),
+    )
+    .unwrap();
+    let addr = free_addr();
+    let _server = serve(&pair.a, &addr);
+    let e = fails(&pair.b, &["connect", &addr, "--until-synced"]);
+    assert!(e.contains("no device id"), "{e}");
+    assert!(e.contains(&format!("lsync trust {a_fp} --device")), "{e}");
+    // `trusted` shows the problem; the fix it names works.
+    let listed = ok_json(&pair.b, &["trusted", "--json"]);
+    assert_eq!(listed["peers"].as_array().unwrap().len(), 0);
+    assert_eq!(listed["problems"].as_array().unwrap().len(), 1);
+    ok(&pair.b, &["trust", &a_fp, "--device", &a_id]);
+    ok_json(&pair.b, &["connect", &addr, "--until-synced", "--json"]);
+}
+
+#[test]
+fn a_device_key_others_can_read_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    ok(&a, &["init", "--name", "a"]);
+    let identity = a.join("identity");
+    let key = identity.join("device.key");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&identity), 0o700);
+    assert_eq!(mode(&key), 0o600);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for args in [
+        vec!["id"],
+        vec!["invite"],
+        vec!["connect", "127.0.0.1:1", "--until-synced"],
+    ] {
+        let e = fails(&a, &args);
+        assert!(
+            e.contains(&format!("chmod 600 {}", key.display())),
+            "{args:?}: {e}"
+        );
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    ok(&a, &["id"]);
 }

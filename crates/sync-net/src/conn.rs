@@ -7,16 +7,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use sync_core::untrusted::for_log;
 use sync_core::{DeviceId, ErrorCode, FrameCodec, Limits, Message, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::NetConfig;
 use crate::error::{NetError, map_io_error};
 use crate::fingerprint::CertFingerprint;
-use crate::trust::Bind;
 
 /// Any byte stream a connection can run over (TLS over TCP, a duplex pipe, a fault wrapper).
 pub(crate) trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -38,7 +39,8 @@ const READ_CHUNK: usize = 64 << 10;
 pub struct PeerInfo {
     /// The peer's DeviceId: from its `Hello`, checked against the pin of its certificate.
     pub device: DeviceId,
-    /// The peer's human-readable name (from its `Hello`; not authenticated).
+    /// The peer's human-readable name (from its `Hello`; not authenticated;
+    /// bounded and escaped by [`sync_core::untrusted::for_log`]).
     pub name: String,
     /// The peer's socket address, or `"memory"` for in-memory connections.
     pub addr: String,
@@ -125,6 +127,9 @@ impl ConnReader {
                         continue;
                     }
                     Ok(Some(Message::Error { code, message })) => {
+                        // The peer's text: bounded and escaped before it
+                        // reaches any log line or event.
+                        let message = for_log(&message).into_owned();
                         tracing::debug!(?code, %message, "peer sent an error");
                         return Err(NetError::Refused { code, message });
                     }
@@ -184,6 +189,7 @@ pub struct ConnWriter {
     tx: mpsc::Sender<Cmd>,
     codec: FrameCodec,
     bytes_sent: Arc<AtomicU64>,
+    abort: CancellationToken,
 }
 
 impl std::fmt::Debug for ConnWriter {
@@ -233,6 +239,13 @@ impl ConnWriter {
         }
     }
 
+    /// Drops the connection now: queued frames are discarded and the
+    /// writer task ends without waiting on the peer (a revoked peer gets
+    /// nothing more). The socket closes once the reader is dropped too.
+    pub fn abort(&self) {
+        self.abort.cancel();
+    }
+
     /// Resolves once the writer task has ended (the link broke or was
     /// closed): a reader blocked on a silent peer can stop waiting.
     pub async fn closed(&self) {
@@ -275,14 +288,19 @@ struct WriterTask {
     keepalive_interval: Duration,
     stall: Duration,
     bytes_sent: Arc<AtomicU64>,
+    abort: CancellationToken,
     _permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl WriterTask {
     async fn run(mut self) {
-        match self.serve().await {
-            Ok(()) => tracing::debug!("writer closed"),
-            Err(e) => tracing::debug!(error = %map_io_error(e), "writer stopped"),
+        let abort = self.abort.clone();
+        tokio::select! {
+            res = self.serve() => match res {
+                Ok(()) => tracing::debug!("writer closed"),
+                Err(e) => tracing::debug!(error = %map_io_error(e), "writer stopped"),
+            },
+            () = abort.cancelled() => tracing::debug!("writer aborted"),
         }
     }
 
@@ -417,7 +435,7 @@ pub(crate) async fn refuse_busy(stream: BoxStream, config: &NetConfig) {
 
 /// Runs the `Hello` exchange over an authenticated stream: both sides send
 /// `Hello` first; protocol and library must match and the peer's DeviceId
-/// must be the one pinned for its certificate (bound now if the pin has none).
+/// must be the one pinned for its certificate (never our own).
 /// On mismatch a typed `Message::Error` is sent before closing.
 pub(crate) async fn establish(stream: BoxStream, e: Establish<'_>) -> Result<Connection, NetError> {
     let config = e.config;
@@ -481,27 +499,25 @@ pub(crate) async fn establish(stream: BoxStream, e: Establish<'_>) -> Result<Con
                 )
                 .await);
             }
-            let bound = match pinned {
-                Some(d) => d,
-                None => match config.trust.bind_if_unbound(&e.peer_fp, device)? {
-                    Bind::Bound(d) => d,
-                    Bind::Untrusted => return Err(NetError::UnknownCertificate),
-                },
-            };
-            if bound != device {
+            // The pin holds exactly one device id, never ours: a peer is
+            // who its certificate was pinned as, whatever its Hello says.
+            if pinned != device || device == config.identity.device_id {
                 let err = NetError::IdentityMismatch {
                     claimed: device,
-                    pinned: bound,
+                    pinned,
                 };
                 return Err(refuse(wr, &codec, ErrorCode::IdentityMismatch, err).await);
             }
-            (device, name)
+            (device, for_log(&name).into_owned())
         }
         Message::Error { code, message } => {
             return Err(if code == ErrorCode::Busy {
                 NetError::TooManyConnections
             } else {
-                NetError::Refused { code, message }
+                NetError::Refused {
+                    code,
+                    message: for_log(&message).into_owned(),
+                }
             });
         }
         other => {
@@ -528,6 +544,7 @@ pub(crate) async fn establish(stream: BoxStream, e: Establish<'_>) -> Result<Con
 
     let (tx, rx) = mpsc::channel(config.outbound_queue.max(1));
     let bytes_sent = Arc::new(AtomicU64::new(0));
+    let abort = CancellationToken::new();
     let mut keepalive = BytesMut::new();
     codec.encode_frame(&Message::Keepalive, &mut keepalive)?;
     let task = WriterTask {
@@ -537,6 +554,7 @@ pub(crate) async fn establish(stream: BoxStream, e: Establish<'_>) -> Result<Con
         keepalive_interval: config.keepalive_interval,
         stall: config.idle_timeout,
         bytes_sent: bytes_sent.clone(),
+        abort: abort.clone(),
         _permit: e.permit,
     };
     tokio::spawn(task.run().instrument(span));
@@ -547,6 +565,7 @@ pub(crate) async fn establish(stream: BoxStream, e: Establish<'_>) -> Result<Con
             tx,
             codec,
             bytes_sent,
+            abort,
         },
     })
 }

@@ -2,6 +2,8 @@
 
 use sync_core::{DecodeError, DeviceId, EncodeError, ErrorCode};
 
+use crate::fingerprint::CertFingerprint;
+
 /// Why a connection could not be established, or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -74,6 +76,61 @@ pub enum NetError {
     /// The trust store file could not be read, parsed or written.
     #[error("trust store: {0}")]
     Trust(String),
+    /// A pin would bind this device's own id: a device never trusts a
+    /// certificate as itself.
+    #[error("device {device} is this device: a device never pins its own id")]
+    OwnDevice {
+        /// This device's id.
+        device: DeviceId,
+    },
+    /// The device id is already pinned to another certificate: one device
+    /// id, one certificate, and a binding is never silently replaced.
+    #[error(
+        "device {device} is already pinned to certificate {fingerprint}; \
+         to pin it to another one, remove the old pin first: `lsync untrust {device}`"
+    )]
+    DeviceAlreadyPinned {
+        /// The device id asked for.
+        device: DeviceId,
+        /// The certificate it is pinned to.
+        fingerprint: CertFingerprint,
+    },
+    /// The certificate is already pinned to another device id.
+    #[error(
+        "certificate {fingerprint} is already pinned to device {device}; \
+         to pin it to another id, remove the old pin first: `lsync untrust {fingerprint}`"
+    )]
+    FingerprintAlreadyPinned {
+        /// The certificate asked for.
+        fingerprint: CertFingerprint,
+        /// The device it is pinned to.
+        device: DeviceId,
+    },
+    /// The trust store holds a pin without a device id (written by an older
+    /// `lsync trust` without `--device`, which let the peer claim any id).
+    #[error(
+        "{path}: the pin of certificate {fingerprint} has no device id, so that \
+         peer could claim any device; pin it again with its id, \
+         `lsync trust {fingerprint} --device <its device_id from lsync id>`, \
+         or remove it: `lsync untrust {fingerprint}`"
+    )]
+    UnboundPin {
+        /// The trust store file.
+        path: String,
+        /// The certificate pinned without a device id.
+        fingerprint: CertFingerprint,
+    },
+    /// The device key file is readable or writable by group or others.
+    #[error(
+        "{path} is accessible to group or others (mode {mode:o}): the device key must be \
+         private to its owner; fix it with `chmod 600 {path}`"
+    )]
+    KeyPermissions {
+        /// The key file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 /// Maps an IO error from a TLS stream to a typed error: rustls errors travel

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -113,8 +113,9 @@ impl Identity {
         let cert =
             CertificateDer::from_pem_slice(&cert_pem).map_err(|e| err(&cert_path, "parse", e))?;
 
+        warn_if_dir_is_open(dir);
         let key_path = dir.join(KEY_FILE);
-        let key_pem = fs::read(&key_path).map_err(|e| err(&key_path, "read", e))?;
+        let key_pem = read_private(&key_path)?;
         let key =
             PrivatePkcs8KeyDer::from_pem_slice(&key_pem).map_err(|e| err(&key_path, "parse", e))?;
         // Check the key is usable (and matches a supported algorithm) now, not at first dial.
@@ -130,20 +131,23 @@ impl Identity {
         })
     }
 
-    /// Writes the identity into `dir` (created if needed): certificate and
-    /// device id first, the key last with mode 0600, each via a temp file and rename.
+    /// Writes the identity into `dir` (created with mode 0700 if needed,
+    /// tightened to 0700 if it exists): the key first, created with
+    /// `O_CREAT|O_EXCL|O_NOFOLLOW` and mode 0600 (an existing key, or a
+    /// symlink planted in its place, is an error: a key is never
+    /// overwritten), then the certificate and the device id, each through a
+    /// unique temp file and a rename; every file and the directory fsynced.
     pub fn save(&self, dir: &Path) -> Result<(), NetError> {
-        fs::create_dir_all(dir).map_err(|e| err(dir, "create", e))?;
+        create_private_dir(dir)?;
         let cert_pem = pem_encode("CERTIFICATE", &self.cert_der);
         let key_pem = pem_encode("PRIVATE KEY", &self.key_der);
+        write_new_private(&dir.join(KEY_FILE), key_pem.as_bytes())?;
+        write_atomic(&dir.join(CERT_FILE), cert_pem.as_bytes())?;
         write_atomic(
             &dir.join(DEVICE_ID_FILE),
             format!("{}\n", self.device_id).as_bytes(),
-            false,
         )?;
-        write_atomic(&dir.join(CERT_FILE), cert_pem.as_bytes(), false)?;
-        write_atomic(&dir.join(KEY_FILE), key_pem.as_bytes(), true)?;
-        Ok(())
+        sync_dir(dir)
     }
 
     /// The certificate, DER-encoded.
@@ -193,30 +197,139 @@ fn base64_encode(data: &[u8]) -> String {
     out
 }
 
-/// Writes `data` to `path` through a temp file and a rename; `secret` files get mode 0600.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], secret: bool) -> Result<(), NetError> {
-    let tmp: PathBuf = {
-        let mut name = path
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        name.push(".tmp");
-        path.with_file_name(name)
-    };
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(if secret { 0o600 } else { 0o644 });
+/// Creates `dir` (and missing parents) with mode 0700, or sets an existing
+/// one to 0700.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), NetError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| err(dir, "create", e))?;
+    let mode = fs::metadata(dir)
+        .map_err(|e| err(dir, "stat", e))?
+        .permissions()
+        .mode();
+    if mode & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| err(dir, "chmod 700", e))?;
     }
-    #[cfg(not(unix))]
-    let _ = secret;
-    let mut file = opts.open(&tmp).map_err(|e| err(&tmp, "create", e))?;
-    file.write_all(data).map_err(|e| err(&tmp, "write", e))?;
-    file.sync_all().map_err(|e| err(&tmp, "sync", e))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(|e| err(path, "rename into", e))?;
+    Ok(())
+}
+
+/// Logs a warning when the identity directory is open to group or others.
+fn warn_if_dir_is_open(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = fs::metadata(dir) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                mode = format!("{mode:o}"),
+                "the identity directory is open to group or others: run `chmod 700 {}`",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// fsyncs a directory, so that a rename or a creation in it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), NetError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err(dir, "sync", e))
+}
+
+/// An error message for a private file that is a symlink (`O_NOFOLLOW`).
+fn io_err(path: &Path, what: &str, e: std::io::Error) -> NetError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        err(
+            path,
+            what,
+            "it is a symbolic link, and a private file is never followed through one",
+        )
+    } else {
+        err(path, what, e)
+    }
+}
+
+/// Reads a private file (the key): not through a symlink, and refused when
+/// group or others may read or write it.
+fn read_private(path: &Path) -> Result<Vec<u8>, NetError> {
+    use std::io::Read;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| io_err(path, "read", e))?;
+    let mode = file
+        .metadata()
+        .map_err(|e| err(path, "stat", e))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(NetError::KeyPermissions {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)
+        .map_err(|e| err(path, "read", e))?;
+    Ok(data)
+}
+
+/// Creates `path` with `O_CREAT|O_EXCL|O_NOFOLLOW` and mode 0600, writes
+/// `data` and fsyncs it. An existing file or symlink at `path` is an error.
+fn write_new_private(path: &Path, data: &[u8]) -> Result<(), NetError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                err(
+                    path,
+                    "create",
+                    "a file (or a symlink) is already there; a device key is never overwritten",
+                )
+            } else {
+                io_err(path, "create", e)
+            }
+        })?;
+    file.write_all(data).map_err(|e| err(path, "write", e))?;
+    file.sync_all().map_err(|e| err(path, "sync", e))
+}
+
+/// Writes a public file through a unique temp file (O_EXCL) in the same
+/// directory, fsync and a rename; mode 0644.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), NetError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(0o644))
+        .tempfile_in(dir)
+        .map_err(|e| err(dir, "create a temporary file in", e))?;
+    tmp.write_all(data)
+        .map_err(|e| err(tmp.path(), "write", e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| err(tmp.path(), "sync", e))?;
+    tmp.persist(path)
+        .map_err(|e| err(path, "rename into", e.error))?;
     Ok(())
 }
 
@@ -262,5 +375,97 @@ mod tests {
             Identity::load(empty.path()),
             Err(NetError::Identity(_))
         ));
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn identity_dir_is_0700_and_key_file_0600() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("identity");
+        Identity::load_or_create(&dir, DeviceId::new_v7()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(KEY_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(CERT_FILE)), 0o644);
+        // An existing, open directory is tightened when an identity is saved in it.
+        let open = root.path().join("open");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::create_dir(&open).unwrap();
+            fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Identity::generate(DeviceId::new_v7())
+            .unwrap()
+            .save(&open)
+            .unwrap();
+        assert_eq!(mode(&open), 0o700);
+        // No temporary file is left behind.
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [CERT_FILE, DEVICE_ID_FILE, KEY_FILE]);
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_refused_with_a_chmod_hint() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dev = DeviceId::new_v7();
+        Identity::load_or_create(dir.path(), dev).unwrap();
+        let key = dir.path().join(KEY_FILE);
+        for bad in [0o644, 0o640, 0o604, 0o660] {
+            fs::set_permissions(&key, fs::Permissions::from_mode(bad)).unwrap();
+            let e = Identity::load(dir.path()).unwrap_err();
+            assert!(
+                matches!(e, NetError::KeyPermissions { mode, .. } if mode == bad),
+                "{e:?}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("chmod 600 {}", key.display())),
+                "{text}"
+            );
+            assert!(Identity::load_or_create(dir.path(), dev).is_err());
+        }
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(Identity::load(dir.path()).is_ok(), "owner-only modes load");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Identity::load(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn the_key_is_never_written_through_a_symlink_nor_over_a_file() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("identity");
+        fs::create_dir(&dir).unwrap();
+        let target = root.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.join(KEY_FILE)).unwrap();
+        let id = Identity::generate(DeviceId::new_v7()).unwrap();
+        let e = id.save(&dir).unwrap_err();
+        assert!(matches!(e, NetError::Identity(_)), "{e:?}");
+        assert!(!target.exists(), "the key was written through the symlink");
+        // Reading does not follow one either.
+        fs::write(&target, b"not a key").unwrap();
+        fs::write(
+            dir.join(CERT_FILE),
+            pem_encode("CERTIFICATE", id.cert_der()),
+        )
+        .unwrap();
+        fs::write(dir.join(DEVICE_ID_FILE), id.device_id.to_string()).unwrap();
+        let e = Identity::load(&dir).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+
+        // An existing key is never overwritten.
+        let dir2 = root.path().join("identity2");
+        id.save(&dir2).unwrap();
+        let other = Identity::generate(id.device_id).unwrap();
+        let e = other.save(&dir2).unwrap_err();
+        assert!(e.to_string().contains("never overwritten"), "{e}");
+        assert_eq!(Identity::load(&dir2).unwrap().fingerprint, id.fingerprint);
     }
 }

@@ -3,10 +3,13 @@
 //!
 //! Each device has a key and a self-signed certificate ([`Identity`]). A
 //! peer is trusted by pinning its certificate's SHA-256 fingerprint, bound
-//! to its DeviceId ([`TrustStore`]): any other certificate is refused during
-//! the TLS handshake, before any application byte. After TLS, both sides
-//! send `Hello` first; protocol version and library must match, and the
-//! DeviceId in `Hello` must be the one pinned for the certificate.
+//! to exactly one DeviceId ([`TrustStore`]; one id per certificate, one
+//! certificate per id, never our own id): any other certificate is refused
+//! during the TLS handshake, before any application byte. After TLS, both
+//! sides send `Hello` first; protocol version and library must match, and
+//! the DeviceId in `Hello` must be the one pinned for the certificate.
+//! Devices pair by exchanging an [`Invite`]: one string carrying the
+//! library id, the device id and the fingerprint.
 //!
 //! [`Listener::accept`] and [`dial`] give a [`Connection`], which splits
 //! into a [`ConnReader`] and a cloneable [`ConnWriter`]. [`memory_pair`]
@@ -21,6 +24,7 @@ mod error;
 pub mod fault;
 mod fingerprint;
 mod identity;
+mod invite;
 mod net;
 mod tls;
 mod trust;
@@ -38,6 +42,9 @@ pub use conn::{ConnReader, ConnWriter, Connection, PeerInfo};
 pub use error::NetError;
 pub use fingerprint::{CertFingerprint, ParseFingerprintError};
 pub use identity::{CERT_FILE, DEVICE_ID_FILE, Identity, KEY_FILE};
+pub use invite::{
+    INVITE_PREFIX, INVITE_VERSION, Invite, MAX_ADDRESS, ParseInviteError, check_address,
+};
 pub use net::{Listener, dial, memory_pair};
 pub use trust::TrustStore;
 

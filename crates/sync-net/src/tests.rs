@@ -16,9 +16,10 @@ use crate::{Connection, Identity, Listener, NetConfig, NetError, TrustStore, dia
 
 fn config(library: LibraryId, name: &str) -> NetConfig {
     let identity = Identity::generate(DeviceId::new_v7()).unwrap();
+    let me = identity.device_id;
     let mut c = NetConfig::new(
         Arc::new(identity),
-        TrustStore::in_memory(),
+        TrustStore::in_memory(me),
         library,
         name.to_string(),
     );
@@ -30,7 +31,7 @@ fn config(library: LibraryId, name: &str) -> NetConfig {
 /// `a` pins `b`'s certificate, bound to `b`'s device.
 fn pin(a: &NetConfig, b: &NetConfig) {
     a.trust
-        .trust(b.identity.fingerprint, Some(b.identity.device_id))
+        .trust(b.identity.fingerprint, b.identity.device_id)
         .unwrap();
 }
 
@@ -182,15 +183,13 @@ async fn client_unknown_to_server_is_refused() {
 }
 
 #[tokio::test]
-async fn pinned_certificate_claiming_another_device() {
+async fn a_hello_device_id_other_than_the_pin_is_refused_at_handshake() {
     // The client claims device Y with a certificate the server pinned to X.
     let (scfg, listener) = server().await;
     let client = config(scfg.library, "client");
     pin(&client, &scfg);
     let x = DeviceId::new_v7();
-    scfg.trust
-        .trust(client.identity.fingerprint, Some(x))
-        .unwrap();
+    scfg.trust.trust(client.identity.fingerprint, x).unwrap();
     let addr = listener.local_addr().to_string();
     // The client's own checks pass; the server's refusal arrives as the first frame.
     match dial(&addr, &client).await {
@@ -217,10 +216,7 @@ async fn pinned_certificate_claiming_another_device() {
     // The dialer detects a server claiming another device: typed error.
     let client2 = config(scfg.library, "client2");
     pin(&scfg, &client2);
-    client2
-        .trust
-        .trust(scfg.identity.fingerprint, Some(x))
-        .unwrap();
+    client2.trust.trust(scfg.identity.fingerprint, x).unwrap();
     let (dialed, accepted) = tokio::join!(dial(&addr, &client2), listener.accept());
     // The server's checks passed, so it accepted; the dialer's refusal is its first frame.
     let err = accepted.unwrap().recv().await.unwrap_err();
@@ -492,48 +488,39 @@ async fn keepalive_holds_an_idle_connection_open() {
 }
 
 #[tokio::test]
-async fn trust_on_first_handshake_binds_and_persists() {
+async fn a_pin_written_by_another_process_counts_at_the_next_handshake() {
+    // The server's store is kept in a file; pins are added and removed
+    // through another handle on that file (as `lsync trust` and `lsync
+    // untrust` do beside `lsync serve`), never through the server's.
     let dir = tempfile::tempdir().unwrap();
     let library = LibraryId::new_v7();
     let sdev = DeviceId::new_v7();
     let sid = Identity::load_or_create(&dir.path().join("server"), sdev).unwrap();
-    let strust = TrustStore::load(&dir.path().join("server/trust.json")).unwrap();
+    let spath = dir.path().join("server/trust.json");
+    let strust = TrustStore::load(&spath, sdev).unwrap();
     let scfg = NetConfig::new(Arc::new(sid), strust, library, "server".into());
     let cdev = DeviceId::new_v7();
     let cid = Identity::load_or_create(&dir.path().join("client"), cdev).unwrap();
-    let ctrust = TrustStore::load(&dir.path().join("client/trust.json")).unwrap();
+    let ctrust = TrustStore::load(&dir.path().join("client/trust.json"), cdev).unwrap();
     let client = NetConfig::new(Arc::new(cid), ctrust, library, "client".into());
-    // Fingerprints exchanged out of band; neither knows the other's DeviceId yet.
-    scfg.trust.trust(client.identity.fingerprint, None).unwrap();
-    client.trust.trust(scfg.identity.fingerprint, None).unwrap();
+    pin(&client, &scfg);
     let listener = Listener::bind("127.0.0.1:0", scfg.clone()).await.unwrap();
+    let addr = listener.local_addr().to_string();
+    let err = dial(&addr, &client).await.unwrap_err();
+    assert!(matches!(err, NetError::NotTrustedByPeer), "{err:?}");
+
+    let cli = TrustStore::load(&spath, sdev).unwrap();
+    cli.trust(client.identity.fingerprint, cdev).unwrap();
     let (mut c, mut s) = connect(&listener, &client).await;
     exchange(&mut c, &mut s).await;
-    assert_eq!(
-        scfg.trust.lookup(&client.identity.fingerprint),
-        Some(Some(cdev))
-    );
-    assert_eq!(
-        client.trust.lookup(&scfg.identity.fingerprint),
-        Some(Some(sdev))
-    );
-    let reloaded = TrustStore::load(&dir.path().join("server/trust.json")).unwrap();
-    assert_eq!(
-        reloaded.lookup(&client.identity.fingerprint),
-        Some(Some(cdev))
-    );
-    let reloaded = TrustStore::load(&dir.path().join("client/trust.json")).unwrap();
-    assert_eq!(
-        reloaded.lookup(&scfg.identity.fingerprint),
-        Some(Some(sdev))
-    );
+    assert_eq!(s.peer.device, cdev);
+    assert_eq!(scfg.trust.lookup(&client.identity.fingerprint), Some(cdev));
 
-    // The same certificate now claiming another device is refused.
+    // The same certificate claiming another device is refused.
     let mut other = (*client.identity).clone();
     other.device_id = DeviceId::new_v7();
     let mut liar = client.clone();
     liar.identity = Arc::new(other);
-    let addr = listener.local_addr().to_string();
     if let Ok(mut conn) = dial(&addr, &liar).await {
         let err = conn.recv().await.unwrap_err();
         assert!(
@@ -547,10 +534,39 @@ async fn trust_on_first_handshake_binds_and_persists() {
             "{err:?}"
         );
     }
-    // Reloading the identity from disk gives the same certificate.
-    let again = Identity::load(&dir.path().join("client")).unwrap();
-    assert_eq!(again.fingerprint, client.identity.fingerprint);
-    assert_eq!(again.device_id, cdev);
+
+    // Removed elsewhere: refused from the next handshake.
+    cli.untrust_device(cdev).unwrap();
+    let err = dial(&addr, &client).await.unwrap_err();
+    assert!(matches!(err, NetError::NotTrustedByPeer), "{err:?}");
+    assert_eq!(scfg.trust.lookup(&client.identity.fingerprint), None);
+}
+
+#[tokio::test]
+async fn a_megabyte_refusal_from_a_peer_is_cut_before_it_is_logged() {
+    let library = LibraryId::new_v7();
+    let a = config(library, "a");
+    let b = config(library, "b");
+    mutual(&a, &b);
+    let (mut ca, cb) = memory_pair(&a, &b).await.unwrap();
+    let huge = format!("evil\n{}", "z".repeat(1 << 20));
+    cb.send(Message::Error {
+        code: ErrorCode::Storage,
+        message: huge.clone(),
+    })
+    .await
+    .unwrap();
+    match ca.recv().await.unwrap_err() {
+        NetError::Refused { message, .. } => {
+            assert!(message.len() < 400, "{} bytes", message.len());
+            assert!(message.starts_with("evil\\nzzz"), "{message}");
+            assert!(
+                message.ends_with(&format!("({} bytes)", huge.len())),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -605,7 +621,7 @@ async fn memory_pair_checks_like_the_network() {
     let liar = config(library, "liar");
     pin(&liar, &a);
     a.trust
-        .trust(liar.identity.fingerprint, Some(DeviceId::new_v7()))
+        .trust(liar.identity.fingerprint, DeviceId::new_v7())
         .unwrap();
     let err = memory_pair(&liar, &a).await.unwrap_err();
     assert!(

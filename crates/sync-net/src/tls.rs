@@ -41,6 +41,12 @@ impl PinnedVerifier {
 
     fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         let fp = CertFingerprint::of_der(end_entity.as_ref());
+        // Pins added or removed by another process (`lsync trust` beside a
+        // running engine) count from the next handshake: one `stat` unless
+        // the file changed.
+        if let Err(e) = self.trust.refresh() {
+            tracing::warn!(cause = %e, "cannot check the trust store for changes");
+        }
         if self.trust.lookup(&fp).is_some() {
             Ok(())
         } else {

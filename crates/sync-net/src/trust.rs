@@ -1,19 +1,34 @@
-//! `TrustStore`: the pinned certificate fingerprints of trusted peers,
-//! each bound to a DeviceId (or to be bound at the first handshake),
-//! persisted as JSON.
+//! `TrustStore`: the pinned certificate fingerprints of trusted peers, each
+//! bound to exactly one DeviceId, persisted as JSON in `trust.json`.
+//!
+//! The rules: a device id is pinned to at most one certificate, a
+//! certificate to at most one id, never to this device's own id, and a pin
+//! is never replaced in place (remove it first). Every change is a
+//! read-modify-write of the file under an advisory lock (`flock` on
+//! `trust.json.lock` beside it), written to a unique temporary file in the
+//! same directory, fsynced, renamed over the old one, and the directory
+//! fsynced: processes sharing the file (`lsync trust` beside `lsync serve`)
+//! never lose each other's changes, and a crash leaves the old file or the
+//! new one. A running process sees changes made elsewhere through
+//! [`TrustStore::refresh`] (the engine calls it every second, and the TLS
+//! verifier at every handshake) and [`TrustStore::subscribe`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 use sync_core::DeviceId;
+use tokio::sync::watch;
 
 use crate::error::NetError;
 use crate::fingerprint::CertFingerprint;
-use crate::identity::write_atomic;
+use crate::identity::{create_private_dir, sync_dir};
 
-/// The file format version.
+/// The file format version (format 1 also allowed pins without a device id;
+/// those are refused now, see [`NetError::UnboundPin`]).
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
@@ -22,164 +37,526 @@ struct TrustFile {
     peers: Vec<TrustEntry>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Debug)]
 struct TrustEntry {
     fingerprint: CertFingerprint,
+    /// `None` only in files written by older versions.
+    #[serde(default)]
     device: Option<DeviceId>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    path: Option<PathBuf>,
-    peers: HashMap<CertFingerprint, Option<DeviceId>>,
+/// What identifies one version of the file: a rename gives a new inode, so
+/// a change is seen even within the mtime's granularity.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
 }
 
-/// The set of trusted peers: certificate fingerprint → DeviceId (`None`:
-/// learn the DeviceId at the first handshake, then bind and persist it).
+/// The file's version: `None` when it does not exist.
+type FileState = Option<Stamp>;
+
+#[derive(Debug)]
+struct State {
+    pins: HashMap<CertFingerprint, DeviceId>,
+    /// The file version `pins` was read from (or written as).
+    seen: FileState,
+    /// A file version that could not be used (warned about once).
+    bad: Option<FileState>,
+    /// Bumped whenever `pins` changes.
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    path: Option<PathBuf>,
+    me: DeviceId,
+    state: RwLock<State>,
+    changes: watch::Sender<u64>,
+}
+
+/// The set of trusted peers: certificate fingerprint ↔ DeviceId, one to one.
 /// Cheap to clone; clones share the same state, so pins made through one
 /// are seen by listeners and dialers holding another.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TrustStore {
-    inner: Arc<RwLock<Inner>>,
-}
-
-/// Outcome of binding a DeviceId to a fingerprint at first handshake.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Bind {
-    /// The fingerprint is not (or no longer) trusted.
-    Untrusted,
-    /// The fingerprint is bound to this DeviceId (now or before).
-    Bound(DeviceId),
+    shared: Arc<Shared>,
 }
 
 impl TrustStore {
-    /// Loads the store kept in `path`; empty if the file is absent. Changes
-    /// are written back to `path`.
-    pub fn load(path: &Path) -> Result<TrustStore, NetError> {
-        let peers = match std::fs::read(path) {
-            Ok(bytes) => {
-                let file: TrustFile = serde_json::from_slice(&bytes)
-                    .map_err(|e| NetError::Trust(format!("parse {}: {e}", path.display())))?;
-                if file.version != FORMAT_VERSION {
-                    return Err(NetError::Trust(format!(
-                        "{}: unknown format version {}",
-                        path.display(),
-                        file.version
-                    )));
-                }
-                file.peers
-                    .into_iter()
-                    .map(|e| (e.fingerprint, e.device))
-                    .collect()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-            Err(e) => return Err(NetError::Trust(format!("read {}: {e}", path.display()))),
+    /// Loads the store kept in `path` for device `me` (empty if the file is
+    /// absent); changes are written back to `path`. A file that pins `me`,
+    /// pins one id or one certificate twice, or holds a pin without a
+    /// device id is refused with a message saying how to fix it.
+    pub fn load(path: &Path, me: DeviceId) -> Result<TrustStore, NetError> {
+        let (entries, seen) = read_file(path)?;
+        let pins = validate(&entries, me, path)?;
+        Ok(TrustStore::new(Some(path.to_path_buf()), me, pins, seen))
+    }
+
+    /// Like [`TrustStore::load`], but a file that breaks the rules is
+    /// loaded with its valid pins only, and what is wrong with the others
+    /// is returned beside the store: for tools that repair a file `load`
+    /// refuses (`lsync trust` and `lsync untrust` can replace or remove the
+    /// pins it names). Only an unreadable or unparseable file is an error.
+    pub fn load_lenient(
+        path: &Path,
+        me: DeviceId,
+    ) -> Result<(TrustStore, Vec<NetError>), NetError> {
+        let (entries, seen) = read_file(path)?;
+        let (pins, problems) = lenient(&entries, me, path);
+        Ok((
+            TrustStore::new(Some(path.to_path_buf()), me, pins, seen),
+            problems,
+        ))
+    }
+
+    /// The problems [`TrustStore::load`] would refuse the file for now
+    /// (empty for an in-memory store).
+    pub fn problems(&self) -> Result<Vec<NetError>, NetError> {
+        let Some(path) = &self.shared.path else {
+            return Ok(Vec::new());
         };
-        Ok(TrustStore {
-            inner: Arc::new(RwLock::new(Inner {
-                path: Some(path.to_path_buf()),
-                peers,
-            })),
+        let (entries, _) = read_file(path)?;
+        Ok(lenient(&entries, self.shared.me, path).1)
+    }
+
+    /// An empty store for device `me` that is never persisted (tests,
+    /// in-memory setups).
+    pub fn in_memory(me: DeviceId) -> TrustStore {
+        TrustStore::new(None, me, HashMap::new(), None)
+    }
+
+    fn new(
+        path: Option<PathBuf>,
+        me: DeviceId,
+        pins: HashMap<CertFingerprint, DeviceId>,
+        seen: FileState,
+    ) -> TrustStore {
+        let (changes, _) = watch::channel(0);
+        TrustStore {
+            shared: Arc::new(Shared {
+                path,
+                me,
+                state: RwLock::new(State {
+                    pins,
+                    seen,
+                    bad: None,
+                    generation: 0,
+                }),
+                changes,
+            }),
+        }
+    }
+
+    /// The device this store belongs to (never pinned).
+    pub fn me(&self) -> DeviceId {
+        self.shared.me
+    }
+
+    /// The file the store is kept in (`None`: in memory only).
+    pub fn path(&self) -> Option<&Path> {
+        self.shared.path.as_deref()
+    }
+
+    /// Pins `fp` as device `device` and persists the store. `Ok(true)`:
+    /// pinned now; `Ok(false)`: this exact pin was already there. Refused:
+    /// our own id ([`NetError::OwnDevice`]), an id pinned to another
+    /// certificate ([`NetError::DeviceAlreadyPinned`]), a certificate
+    /// pinned to another id ([`NetError::FingerprintAlreadyPinned`]); remove
+    /// the old pin first ([`TrustStore::untrust`]). A pin without a device
+    /// id left by an older version is replaced.
+    pub fn trust(&self, fp: CertFingerprint, device: DeviceId) -> Result<bool, NetError> {
+        if device == self.shared.me {
+            return Err(NetError::OwnDevice { device });
+        }
+        self.mutate(|entries| {
+            if let Some(other) = entries
+                .iter()
+                .find(|e| e.device == Some(device) && e.fingerprint != fp)
+            {
+                return Err(NetError::DeviceAlreadyPinned {
+                    device,
+                    fingerprint: other.fingerprint,
+                });
+            }
+            match entries.iter_mut().find(|e| e.fingerprint == fp) {
+                Some(e) => match e.device {
+                    Some(d) if d == device => Ok(false),
+                    Some(d) => Err(NetError::FingerprintAlreadyPinned {
+                        fingerprint: fp,
+                        device: d,
+                    }),
+                    None => {
+                        e.device = Some(device);
+                        Ok(true)
+                    }
+                },
+                None => {
+                    entries.push(TrustEntry {
+                        fingerprint: fp,
+                        device: Some(device),
+                    });
+                    Ok(true)
+                }
+            }
         })
     }
 
-    /// An empty store that is never persisted (tests, in-memory setups).
-    pub fn in_memory() -> TrustStore {
-        TrustStore::default()
-    }
-
-    /// Pins `fp`, bound to `device` (`None`: bind at the first handshake),
-    /// replacing any previous binding, and persists the store.
-    pub fn trust(&self, fp: CertFingerprint, device: Option<DeviceId>) -> Result<(), NetError> {
-        let mut inner = self.write();
-        inner.peers.insert(fp, device);
-        inner.persist()
-    }
-
-    /// Removes the pin of `fp` (future handshakes with it are refused) and
-    /// persists the store. Returns whether it was pinned.
+    /// Removes the pin of certificate `fp` (future handshakes with it are
+    /// refused; a running engine closes its sessions) and persists the
+    /// store. Returns whether it was pinned.
     pub fn untrust(&self, fp: &CertFingerprint) -> Result<bool, NetError> {
-        let mut inner = self.write();
-        let was = inner.peers.remove(fp).is_some();
-        if was {
-            inner.persist()?;
-        }
-        Ok(was)
+        self.mutate(|entries| {
+            let before = entries.len();
+            entries.retain(|e| e.fingerprint != *fp);
+            Ok(entries.len() != before)
+        })
     }
 
-    /// `None`: `fp` is not trusted. `Some(None)`: trusted, DeviceId not yet
-    /// learned. `Some(Some(d))`: trusted as device `d`.
-    pub fn lookup(&self, fp: &CertFingerprint) -> Option<Option<DeviceId>> {
-        self.read().peers.get(fp).copied()
+    /// Removes the pin of device `device`; returns the certificate it was
+    /// pinned to, if it was.
+    pub fn untrust_device(&self, device: DeviceId) -> Result<Option<CertFingerprint>, NetError> {
+        self.mutate(|entries| {
+            let found = entries
+                .iter()
+                .find(|e| e.device == Some(device))
+                .map(|e| e.fingerprint);
+            entries.retain(|e| e.device != Some(device));
+            Ok(found)
+        })
+    }
+
+    /// The device `fp` is pinned to, if it is trusted.
+    pub fn lookup(&self, fp: &CertFingerprint) -> Option<DeviceId> {
+        self.read().pins.get(fp).copied()
+    }
+
+    /// The certificate pinned for `device`, if it is trusted.
+    pub fn fingerprint_of(&self, device: DeviceId) -> Option<CertFingerprint> {
+        self.read()
+            .pins
+            .iter()
+            .find(|(_, d)| **d == device)
+            .map(|(fp, _)| *fp)
     }
 
     /// Every pin, sorted by fingerprint.
-    pub fn entries(&self) -> Vec<(CertFingerprint, Option<DeviceId>)> {
-        let mut all: Vec<_> = self.read().peers.iter().map(|(k, v)| (*k, *v)).collect();
+    pub fn entries(&self) -> Vec<(CertFingerprint, DeviceId)> {
+        let mut all: Vec<_> = self.read().pins.iter().map(|(k, v)| (*k, *v)).collect();
         all.sort_by_key(|(fp, _)| *fp);
         all
     }
 
-    /// Binds `device` to `fp` if it is trusted and not yet bound (then
-    /// persists); returns the binding in force.
-    pub(crate) fn bind_if_unbound(
-        &self,
-        fp: &CertFingerprint,
-        device: DeviceId,
-    ) -> Result<Bind, NetError> {
-        let mut inner = self.write();
-        match inner.peers.get(fp).copied() {
-            None => Ok(Bind::Untrusted),
-            Some(Some(bound)) => Ok(Bind::Bound(bound)),
-            Some(None) => {
-                inner.peers.insert(*fp, Some(device));
-                if let Err(e) = inner.persist() {
-                    inner.peers.insert(*fp, None);
-                    return Err(e);
+    /// A receiver whose value changes whenever the pins change (through any
+    /// handle, or after [`TrustStore::refresh`] read another process's
+    /// change).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Re-reads the file if it changed since it was last read or written
+    /// (one `stat` otherwise); returns whether the pins changed. A file
+    /// that cannot be parsed keeps the pins in force (a warning is logged
+    /// once per version of the file); one that parses but breaks the rules
+    /// keeps only its valid pins, so a removal always takes effect.
+    pub fn refresh(&self) -> Result<bool, NetError> {
+        let Some(path) = &self.shared.path else {
+            return Ok(false);
+        };
+        let now = stamp_of(path)?;
+        {
+            let st = self.read();
+            if st.seen == now || st.bad == Some(now) {
+                return Ok(false);
+            }
+        }
+        match read_file(path) {
+            Ok((entries, seen)) => {
+                let (pins, problems) = lenient(&entries, self.shared.me, path);
+                for p in &problems {
+                    tracing::warn!(path = %path.display(), "ignoring pin: {p}");
                 }
-                tracing::info!(fingerprint = %fp.short(), device = %device, "bound device to pinned certificate");
-                Ok(Bind::Bound(device))
+                Ok(self.install(pins, seen))
+            }
+            Err(e) => {
+                let mut st = self.write();
+                if st.bad != Some(now) {
+                    tracing::warn!(path = %path.display(), cause = %e, "cannot reload the trust store; the pins in force are kept");
+                    st.bad = Some(now);
+                }
+                Ok(false)
             }
         }
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, Inner> {
-        // A poisoned lock only means a panic elsewhere; the map itself is always consistent.
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    /// Replaces the pins with `pins`, read from file version `seen`;
+    /// notifies subscribers if they changed.
+    fn install(&self, pins: HashMap<CertFingerprint, DeviceId>, seen: FileState) -> bool {
+        let mut st = self.write();
+        st.seen = seen;
+        st.bad = None;
+        if st.pins == pins {
+            return false;
+        }
+        st.pins = pins;
+        st.generation += 1;
+        let generation = st.generation;
+        drop(st);
+        self.shared.changes.send_replace(generation);
+        true
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    /// Applies `change` to the pins: in memory, or as a read-modify-write
+    /// of the file under its lock.
+    fn mutate<T>(
+        &self,
+        change: impl FnOnce(&mut Vec<TrustEntry>) -> Result<T, NetError>,
+    ) -> Result<T, NetError> {
+        let me = self.shared.me;
+        let Some(path) = &self.shared.path else {
+            let mut st = self.write();
+            let mut entries = to_entries(&st.pins);
+            let out = change(&mut entries)?;
+            let pins = validate(&entries, me, Path::new("(memory)"))?;
+            if pins != st.pins {
+                st.pins = pins;
+                st.generation += 1;
+                let generation = st.generation;
+                drop(st);
+                self.shared.changes.send_replace(generation);
+            }
+            return Ok(out);
+        };
+        let _lock = FileLock::acquire(path)?;
+        let (mut entries, seen) = read_file(path)?;
+        let before = entries.clone();
+        let out = change(&mut entries)?;
+        let seen = if entries != before {
+            write_file(path, &entries)?;
+            stamp_of(path)?
+        } else {
+            seen
+        };
+        let (pins, _) = lenient(&entries, me, path);
+        self.install(pins, seen);
+        Ok(out)
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the map itself is always consistent.
+        self.shared.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.shared.state.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-impl Inner {
-    fn persist(&self) -> Result<(), NetError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let mut peers: Vec<TrustEntry> = self
-            .peers
-            .iter()
-            .map(|(fp, dev)| TrustEntry {
-                fingerprint: *fp,
-                device: *dev,
-            })
-            .collect();
-        peers.sort_by_key(|e| e.fingerprint);
-        let json = serde_json::to_vec_pretty(&TrustFile {
-            version: FORMAT_VERSION,
-            peers,
+fn trust_err(path: &Path, what: &str, e: impl std::fmt::Display) -> NetError {
+    NetError::Trust(format!("{what} {}: {e}", path.display()))
+}
+
+fn to_entries(pins: &HashMap<CertFingerprint, DeviceId>) -> Vec<TrustEntry> {
+    pins.iter()
+        .map(|(fp, d)| TrustEntry {
+            fingerprint: *fp,
+            device: Some(*d),
         })
-        .map_err(|e| NetError::Trust(format!("serialize: {e}")))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| NetError::Trust(format!("create {}: {e}", dir.display())))?;
+        .collect()
+}
+
+fn stamp(m: &fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    }
+}
+
+fn stamp_of(path: &Path) -> Result<FileState, NetError> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(stamp(&m))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(trust_err(path, "stat", e)),
+    }
+}
+
+/// Reads the file's entries as they are (nothing checked but the syntax
+/// and the version) and the version read; absent: no entries.
+fn read_file(path: &Path) -> Result<(Vec<TrustEntry>, FileState), NetError> {
+    let mut file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) => return Err(trust_err(path, "read", e)),
+    };
+    let meta = file.metadata().map_err(|e| trust_err(path, "stat", e))?;
+    let seen = Some(stamp(&meta));
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| trust_err(path, "read", e))?;
+    let file: TrustFile =
+        serde_json::from_slice(&bytes).map_err(|e| trust_err(path, "parse", e))?;
+    if file.version != FORMAT_VERSION {
+        return Err(NetError::Trust(format!(
+            "{}: unknown format version {} (this lsync reads version {FORMAT_VERSION})",
+            path.display(),
+            file.version
+        )));
+    }
+    Ok((file.peers, seen))
+}
+
+/// Checks every rule; the first broken one is the error.
+fn validate(
+    entries: &[TrustEntry],
+    me: DeviceId,
+    path: &Path,
+) -> Result<HashMap<CertFingerprint, DeviceId>, NetError> {
+    let (pins, mut problems) = lenient(entries, me, path);
+    if problems.is_empty() {
+        Ok(pins)
+    } else {
+        Err(problems.remove(0))
+    }
+}
+
+/// The pins that break no rule, and what is wrong with the others: a pin
+/// without a device, of our own id, or of an id or a certificate that
+/// appears twice is left out (every copy of it: which one is right cannot
+/// be told).
+fn lenient(
+    entries: &[TrustEntry],
+    me: DeviceId,
+    path: &Path,
+) -> (HashMap<CertFingerprint, DeviceId>, Vec<NetError>) {
+    let mut problems = Vec::new();
+    let mut fp_count: HashMap<CertFingerprint, usize> = HashMap::new();
+    let mut dev_count: HashMap<DeviceId, usize> = HashMap::new();
+    for e in entries {
+        *fp_count.entry(e.fingerprint).or_default() += 1;
+        if let Some(d) = e.device {
+            *dev_count.entry(d).or_default() += 1;
         }
-        write_atomic(path, &json, false).map_err(|e| match e {
-            NetError::Identity(m) => NetError::Trust(m),
-            other => other,
-        })
+    }
+    let mut pins = HashMap::new();
+    let mut reported: HashSet<CertFingerprint> = HashSet::new();
+    for e in entries {
+        let Some(device) = e.device else {
+            problems.push(NetError::UnboundPin {
+                path: path.display().to_string(),
+                fingerprint: e.fingerprint,
+            });
+            continue;
+        };
+        if device == me {
+            problems.push(NetError::Trust(format!(
+                "{}: certificate {} is pinned to this device's own id {me}; remove it: `lsync untrust {}`",
+                path.display(),
+                e.fingerprint,
+                e.fingerprint
+            )));
+            continue;
+        }
+        if fp_count[&e.fingerprint] > 1 {
+            if reported.insert(e.fingerprint) {
+                problems.push(NetError::Trust(format!(
+                    "{}: certificate {} is pinned more than once; remove it and pin it again: `lsync untrust {}`",
+                    path.display(),
+                    e.fingerprint,
+                    e.fingerprint
+                )));
+            }
+            continue;
+        }
+        if dev_count[&device] > 1 {
+            problems.push(NetError::Trust(format!(
+                "{}: device {device} is pinned to more than one certificate ({} among them); \
+                 remove the wrong one: `lsync untrust <fingerprint>`",
+                path.display(),
+                e.fingerprint
+            )));
+            continue;
+        }
+        pins.insert(e.fingerprint, device);
+    }
+    (pins, problems)
+}
+
+/// Writes the entries: a unique temp file (O_EXCL, mode 0600) in the same
+/// directory, fsync, rename over `path`, fsync of the directory.
+fn write_file(path: &Path, entries: &[TrustEntry]) -> Result<(), NetError> {
+    let mut peers = entries.to_vec();
+    peers.sort_by_key(|e| e.fingerprint);
+    let mut json = serde_json::to_vec_pretty(&TrustFile {
+        version: FORMAT_VERSION,
+        peers,
+    })
+    .map_err(|e| NetError::Trust(format!("serialize: {e}")))?;
+    json.push(b'\n');
+    let dir = parent_dir(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".trust.json.")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(|e| trust_err(&dir, "create a temporary file in", e))?;
+    tmp.write_all(&json)
+        .map_err(|e| trust_err(tmp.path(), "write", e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| trust_err(tmp.path(), "sync", e))?;
+    tmp.persist(path)
+        .map_err(|e| trust_err(path, "rename into", e.error))?;
+    sync_dir(&dir).map_err(|e| match e {
+        NetError::Identity(m) => NetError::Trust(m),
+        other => other,
+    })
+}
+
+/// The directory holding `path` (created, private, if it is missing).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// An exclusive `flock` on `<file>.lock`, held until dropped.
+struct FileLock {
+    _file: fs::File,
+}
+
+impl FileLock {
+    fn acquire(path: &Path) -> Result<FileLock, NetError> {
+        let dir = parent_dir(path);
+        if !dir.exists() {
+            create_private_dir(&dir).map_err(|e| match e {
+                NetError::Identity(m) => NetError::Trust(m),
+                other => other,
+            })?;
+        }
+        let mut name = path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        name.push(".lock");
+        let lock_path = path.with_file_name(name);
+        let mut opts = fs::OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+        }
+        let file = opts
+            .open(&lock_path)
+            .map_err(|e| trust_err(&lock_path, "open", e))?;
+        file.lock().map_err(|e| trust_err(&lock_path, "lock", e))?;
+        Ok(FileLock { _file: file })
     }
 }
 
@@ -187,34 +564,36 @@ impl Inner {
 mod tests {
     use super::*;
 
+    fn fp(tag: &str) -> CertFingerprint {
+        CertFingerprint::of_der(tag.as_bytes())
+    }
+
     #[test]
     fn persists_and_reloads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/trust.json");
-        let store = TrustStore::load(&path).unwrap();
+        let me = DeviceId::new_v7();
+        let store = TrustStore::load(&path, me).unwrap();
         assert!(store.entries().is_empty());
-        let a = CertFingerprint::of_der(b"a");
-        let b = CertFingerprint::of_der(b"b");
-        let dev = DeviceId::new_v7();
-        store.trust(a, Some(dev)).unwrap();
-        store.trust(b, None).unwrap();
-        assert_eq!(store.lookup(&a), Some(Some(dev)));
-        assert_eq!(store.lookup(&b), Some(None));
-        assert_eq!(store.lookup(&CertFingerprint::of_der(b"c")), None);
+        let (a, b) = (fp("a"), fp("b"));
+        let (da, db) = (DeviceId::new_v7(), DeviceId::new_v7());
+        assert!(store.trust(a, da).unwrap());
+        assert!(store.trust(b, db).unwrap());
+        assert!(
+            !store.trust(a, da).unwrap(),
+            "the same pin again is a no-op"
+        );
+        assert_eq!(store.lookup(&a), Some(da));
+        assert_eq!(store.fingerprint_of(db), Some(b));
+        assert_eq!(store.lookup(&fp("c")), None);
 
-        let again = TrustStore::load(&path).unwrap();
+        let again = TrustStore::load(&path, me).unwrap();
         assert_eq!(again.entries(), store.entries());
 
-        let dev2 = DeviceId::new_v7();
-        assert_eq!(store.bind_if_unbound(&b, dev2).unwrap(), Bind::Bound(dev2));
-        assert_eq!(store.bind_if_unbound(&b, dev).unwrap(), Bind::Bound(dev2));
-        assert_eq!(
-            TrustStore::load(&path).unwrap().lookup(&b),
-            Some(Some(dev2))
-        );
-
         assert!(store.untrust(&a).unwrap());
-        assert_eq!(TrustStore::load(&path).unwrap().lookup(&a), None);
+        assert!(!store.untrust(&a).unwrap());
+        assert_eq!(store.untrust_device(db).unwrap(), Some(b));
+        assert!(TrustStore::load(&path, me).unwrap().entries().is_empty());
     }
 
     #[test]
@@ -222,6 +601,244 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trust.json");
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(TrustStore::load(&path), Err(NetError::Trust(_))));
+        let me = DeviceId::new_v7();
+        assert!(matches!(
+            TrustStore::load(&path, me),
+            Err(NetError::Trust(_))
+        ));
+    }
+
+    #[test]
+    fn binding_to_our_own_device_id_is_refused() {
+        let me = DeviceId::new_v7();
+        for store in [
+            TrustStore::in_memory(me),
+            TrustStore::load(&tempfile::tempdir().unwrap().path().join("t.json"), me).unwrap(),
+        ] {
+            let err = store.trust(fp("peer"), me).unwrap_err();
+            assert!(
+                matches!(err, NetError::OwnDevice { device } if device == me),
+                "{err}"
+            );
+            assert!(err.to_string().contains("this device"), "{err}");
+            assert!(store.entries().is_empty());
+        }
+        // A file that pins our own id (written by hand, or by an older
+        // version) is refused at load, and its pin is never used.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let other = TrustStore::load(&path, DeviceId::new_v7()).unwrap();
+        other.trust(fp("x"), me).unwrap();
+        let err = TrustStore::load(&path, me).unwrap_err();
+        assert!(err.to_string().contains("own id"), "{err}");
+        assert!(err.to_string().contains("lsync untrust"), "{err}");
+    }
+
+    #[test]
+    fn binding_a_device_already_bound_to_another_fingerprint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TrustStore::load(&dir.path().join("trust.json"), DeviceId::new_v7()).unwrap();
+        let victim = DeviceId::new_v7();
+        store.trust(fp("victim"), victim).unwrap();
+        // An attacker who learned the victim's id (it is in the victim's
+        // certificate) cannot get its own certificate pinned as the victim.
+        let err = store.trust(fp("attacker"), victim).unwrap_err();
+        match &err {
+            NetError::DeviceAlreadyPinned {
+                device,
+                fingerprint,
+            } => {
+                assert_eq!(*device, victim);
+                assert_eq!(*fingerprint, fp("victim"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().contains("lsync untrust"), "{err}");
+        assert_eq!(store.lookup(&fp("attacker")), None);
+        assert_eq!(store.lookup(&fp("victim")), Some(victim));
+        // After an explicit untrust, the id can be pinned to a new certificate.
+        store.untrust_device(victim).unwrap();
+        assert!(store.trust(fp("new key"), victim).unwrap());
+    }
+
+    #[test]
+    fn re_trust_cannot_rebind_a_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let me = DeviceId::new_v7();
+        let store = TrustStore::load(&path, me).unwrap();
+        let (first, second) = (DeviceId::new_v7(), DeviceId::new_v7());
+        store.trust(fp("peer"), first).unwrap();
+        let err = store.trust(fp("peer"), second).unwrap_err();
+        assert!(
+            matches!(err, NetError::FingerprintAlreadyPinned { device, .. } if device == first),
+            "{err:?}"
+        );
+        assert_eq!(
+            TrustStore::load(&path, me).unwrap().lookup(&fp("peer")),
+            Some(first)
+        );
+        store.untrust(&fp("peer")).unwrap();
+        assert!(store.trust(fp("peer"), second).unwrap());
+    }
+
+    #[test]
+    fn legacy_unbound_pins_are_refused_with_a_clear_message_then_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let me = DeviceId::new_v7();
+        let kept = DeviceId::new_v7();
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"version":1,"peers":[{{"fingerprint":"{}","device":null}},{{"fingerprint":"{}","device":"{kept}"}}]}}"#,
+                fp("legacy"),
+                fp("kept")
+            ),
+        )
+        .unwrap();
+        let err = TrustStore::load(&path, me).unwrap_err();
+        assert!(
+            matches!(err, NetError::UnboundPin { fingerprint, .. } if fingerprint == fp("legacy"))
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("--device") && text.contains("lsync untrust"),
+            "{text}"
+        );
+        // The fixes the message names work on the refused file: a handle
+        // made for the CLI (the file's rules are checked per change).
+        let (cli, problems) = TrustStore::load_lenient(&path, me).unwrap();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(cli.lookup(&fp("legacy")), None, "never used unbound");
+        assert_eq!(cli.lookup(&fp("kept")), Some(kept));
+        let legacy_device = DeviceId::new_v7();
+        assert!(cli.trust(fp("legacy"), legacy_device).unwrap());
+        assert!(cli.problems().unwrap().is_empty());
+        let store = TrustStore::load(&path, me).unwrap();
+        assert_eq!(store.lookup(&fp("legacy")), Some(legacy_device));
+        assert_eq!(store.lookup(&fp("kept")), Some(kept));
+    }
+
+    #[test]
+    fn concurrent_trust_from_two_handles_keeps_both_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let me = DeviceId::new_v7();
+        let handles: Vec<_> = (0..2)
+            .map(|h| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    // Each thread its own handle, as two processes would.
+                    let store = TrustStore::load(&path, me).unwrap();
+                    for i in 0..25 {
+                        store
+                            .trust(fp(&format!("{h}-{i}")), DeviceId::new_v7())
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let all = TrustStore::load(&path, me).unwrap().entries();
+        assert_eq!(all.len(), 50, "pins were lost");
+        // No temporary file is left behind; the lock file stays.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["trust.json", "trust.json.lock"], "{names:?}");
+    }
+
+    #[test]
+    fn a_change_through_one_handle_does_not_bring_back_a_pin_removed_through_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let me = DeviceId::new_v7();
+        let engine = TrustStore::load(&path, me).unwrap();
+        let cli = TrustStore::load(&path, me).unwrap();
+        engine.trust(fp("a"), DeviceId::new_v7()).unwrap();
+        cli.trust(fp("b"), DeviceId::new_v7()).unwrap();
+        cli.untrust(&fp("a")).unwrap();
+        // The engine's handle still caches `a`; its next change must not
+        // write it back.
+        engine.trust(fp("c"), DeviceId::new_v7()).unwrap();
+        let on_disk = TrustStore::load(&path, me).unwrap();
+        assert_eq!(on_disk.lookup(&fp("a")), None);
+        assert!(on_disk.lookup(&fp("b")).is_some());
+        assert!(on_disk.lookup(&fp("c")).is_some());
+        assert_eq!(
+            engine.lookup(&fp("a")),
+            None,
+            "the change refreshed the cache"
+        );
+    }
+
+    #[test]
+    fn refresh_sees_another_handles_changes_and_notifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let me = DeviceId::new_v7();
+        let engine = TrustStore::load(&path, me).unwrap();
+        let mut changes = engine.subscribe();
+        assert!(!engine.refresh().unwrap());
+        let cli = TrustStore::load(&path, me).unwrap();
+        let peer = DeviceId::new_v7();
+        cli.trust(fp("p"), peer).unwrap();
+        assert_eq!(engine.lookup(&fp("p")), None);
+        assert!(engine.refresh().unwrap());
+        assert_eq!(engine.lookup(&fp("p")), Some(peer));
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert!(!engine.refresh().unwrap(), "nothing changed since");
+        cli.untrust(&fp("p")).unwrap();
+        assert!(engine.refresh().unwrap());
+        assert_eq!(engine.lookup(&fp("p")), None);
+        assert!(changes.has_changed().unwrap());
+
+        // A file broken by hand keeps the pins in force...
+        cli.trust(fp("q"), peer).unwrap();
+        engine.refresh().unwrap();
+        std::fs::write(&path, b"{oops").unwrap();
+        assert!(!engine.refresh().unwrap());
+        assert_eq!(engine.lookup(&fp("q")), Some(peer));
+        // ...and one that parses drops every pin that breaks a rule.
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"version":1,"peers":[{{"fingerprint":"{}","device":null}}]}}"#,
+                fp("q")
+            ),
+        )
+        .unwrap();
+        assert!(engine.refresh().unwrap());
+        assert_eq!(engine.lookup(&fp("q")), None);
+        // A deleted file is an empty store.
+        cli.trust(fp("r"), DeviceId::new_v7()).unwrap();
+        engine.refresh().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(engine.refresh().unwrap());
+        assert!(engine.entries().is_empty());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn trust_json_is_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let store = TrustStore::load(&path, DeviceId::new_v7()).unwrap();
+        store.trust(fp("a"), DeviceId::new_v7()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("trust.json.lock")), 0o600);
+        // Still 0600 after a rewrite of a file someone made world-readable.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        store.trust(fp("b"), DeviceId::new_v7()).unwrap();
+        assert_eq!(mode(&path), 0o600);
     }
 }
