@@ -320,7 +320,7 @@ impl Receiver {
                     // This job receives the peer's own records: the peer is the owner.
                     peer = %self.owner.fmt_short(),
                     code = ?refusal.code,
-                    cause = %refusal.message,
+                    cause = %sync_core::untrusted::for_log(&refusal.message),
                     "refusing peer data"
                 );
                 let _ = self
