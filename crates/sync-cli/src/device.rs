@@ -352,7 +352,12 @@ pub async fn join(
         );
     }
     if let Some(addr) = &invite.address {
-        println!("then sync with it: lsync --data DIR connect {addr} --until-synced");
+        let when = if invite.reply {
+            "sync with it"
+        } else {
+            "once it pins this device and serves, sync with it"
+        };
+        println!("{when}: lsync --data DIR connect {addr} --until-synced");
     }
     Ok(())
 }
