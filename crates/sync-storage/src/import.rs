@@ -142,12 +142,14 @@ impl Store {
                 need: offer.chunks,
             });
         }
-        let deadline = Instant::now() + deadline_for(offer.bytes);
+        let started = Instant::now();
+        let deadline = started + deadline_for(offer.bytes);
         let (from, to, o) = (part.to_path_buf(), private.to_path_buf(), *offer);
         tokio::task::spawn_blocking(move || copy_verified(&from, &to, &o))
             .await
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))?
             .map_err(|e| e.disk_full_at(private))?;
+        let copied = started.elapsed();
         #[cfg(test)]
         self.run_import_hook(part);
         let mut conn = open_untrusted(private, deadline).await?;
@@ -156,12 +158,19 @@ impl Store {
             conn.close().await.ok();
             return Err(e);
         }
+        let checked = started.elapsed();
         sync_core::crash_point("import.verified");
         let w = self
             .apply_snapshot(conn, offer, deadline)
             .await
             .map_err(|e| e.disk_full_at(self.path()))?;
         sync_core::crash_point("import.copied");
+        tracing::debug!(
+            copy_ms = copied.as_millis() as u64,
+            check_ms = (checked - copied).as_millis() as u64,
+            apply_ms = (started.elapsed() - checked).as_millis() as u64,
+            "snapshot import phases"
+        );
         Ok(w)
     }
 
