@@ -262,7 +262,7 @@ impl Receiver {
     async fn run(mut self, rx: mpsc::Receiver<Inbound>) -> Result<(), String> {
         // A protocol-wide limit, not this device's batch size: peers may
         // be configured differently.
-        let limits = BatchLimits::default();
+        let protocol = BatchLimits::default();
         // Decode the next batch on the blocking pool while this one applies.
         let decoded = tokio_stream_from(rx)
             .map(move |msg| async move {
@@ -276,6 +276,24 @@ impl Receiver {
                         payload,
                     } => {
                         let bytes = payload.len() as u64;
+                        // Decode for no more records than the batch declares,
+                        // so the payload's size limit follows the count too: a
+                        // batch cannot make us allocate beyond what it claims.
+                        // A count above the protocol's maximum is refused unread.
+                        if count as usize > protocol.max_records {
+                            return Err(Refusal {
+                                code: ErrorCode::Malformed,
+                                message: sync_core::DecodeError::TooManyRecords {
+                                    count: u64::from(count),
+                                    max: protocol.max_records as u64,
+                                }
+                                .to_string(),
+                            });
+                        }
+                        let limits = BatchLimits {
+                            max_records: (count as usize).min(protocol.max_records),
+                            ..protocol
+                        };
                         let records =
                             tokio::task::spawn_blocking(move || decode_records(&payload, &limits))
                                 .await

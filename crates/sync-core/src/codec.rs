@@ -2,9 +2,12 @@
 //! postcard-encoded `Message`, lz4-compressed when that saves space.
 //!
 //! Limits are checked before any allocation: the length header against
-//! `max_frame`, an lz4 block's declared size against `max_decompressed`
-//! (lz4_flex's `decompress_size_prepended` trusts a 4-byte header that can
-//! demand 4 GiB).
+//! `max_frame`, an lz4 block's declared size against `max_decompressed` and
+//! against what its bytes can expand to ([`LZ4_MAX_EXPANSION`]): lz4_flex's
+//! `decompress_size_prepended` allocates, zeroed, whatever a 4-byte header
+//! declares (up to 4 GiB), before reading a byte of the block. The
+//! message's own lengths are bounded while it is deserialized (see
+//! [`crate::message`]).
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -38,21 +41,52 @@ impl Default for Limits {
     }
 }
 
+/// The most an lz4 block can expand: output bytes per byte of the block
+/// (after its 4-byte size header).
+///
+/// A block is a run of sequences: a token byte, literals (copied, one
+/// output byte each), a 2-byte offset, and `k` extension bytes of at most
+/// 255 each that lengthen the match beyond the token's `4 + 15`. Besides
+/// its literals, a sequence of `3 + k` bytes thus writes at most
+/// `19 + 255 k` bytes, less than `255 (3 + k)`. So no block of `n` bytes,
+/// whatever its encoder, decompresses to more than `255 n`.
+pub const LZ4_MAX_EXPANSION: u64 = 255;
+
 /// Decompresses a size-prepended lz4 block after checking its declared
-/// size against `max`. Shared by frames, record batches and snapshot chunks.
+/// size against `max` and against what the block's bytes can expand to
+/// ([`LZ4_MAX_EXPANSION`]), before anything is allocated for it. Shared by
+/// frames, record batches and snapshot chunks: a lying size prefix costs
+/// at most 255 times the bytes the peer sent, never the whole limit.
+///
+/// ```
+/// use sync_core::{DecodeError, codec::{compress, decompress_checked}};
+/// let block = compress(&[7; 10_000]);
+/// assert_eq!(decompress_checked(&block, 1 << 20).unwrap(), vec![7; 10_000]);
+/// // 64 bytes cannot hold 30 MiB: refused before a buffer is allocated.
+/// let mut lying = (30u32 << 20).to_le_bytes().to_vec();
+/// lying.extend_from_slice(&[0xff; 64]);
+/// assert!(matches!(decompress_checked(&lying, 64 << 20), Err(DecodeError::Lz4(_))));
+/// ```
 pub fn decompress_checked(block: &[u8], max: usize) -> Result<Vec<u8>, DecodeError> {
-    if block.len() < 4 {
+    let Some((head, body)) = block.split_first_chunk::<4>() else {
         return Err(DecodeError::Lz4(format!(
             "block of {} bytes has no size header",
             block.len()
         )));
-    }
-    let declared = u32::from_le_bytes([block[0], block[1], block[2], block[3]]) as u64;
+    };
+    let declared = u64::from(u32::from_le_bytes(*head));
     if declared > max as u64 {
         return Err(DecodeError::DecompressedTooLarge {
             declared,
             max: max as u64,
         });
+    }
+    let most = (body.len() as u64).saturating_mul(LZ4_MAX_EXPANSION);
+    if declared > most {
+        return Err(DecodeError::Lz4(format!(
+            "a block of {} bytes cannot expand to the {declared} it declares",
+            body.len()
+        )));
     }
     lz4_flex::block::decompress_size_prepended(block).map_err(|e| DecodeError::Lz4(e.to_string()))
 }
@@ -75,7 +109,10 @@ fn peek_tag(payload: &[u8]) -> Result<u32, DecodeError> {
     Err(DecodeError::Malformed("message tag is not a varint".into()))
 }
 
-/// Decodes a message from an uncompressed payload.
+/// Decodes a message from an uncompressed payload. Lists are bounded
+/// while they are deserialized (a `Watermarks` of more than
+/// [`MAX_OWNERS`](crate::message::MAX_OWNERS) owners is refused as
+/// `Malformed`, naming the bound, before it is allocated).
 pub fn decode_message(payload: &[u8]) -> Result<Message, DecodeError> {
     if payload.is_empty() {
         return Err(DecodeError::EmptyPayload);
@@ -84,8 +121,11 @@ pub fn decode_message(payload: &[u8]) -> Result<Message, DecodeError> {
     if tag >= Message::VARIANT_COUNT {
         return Err(DecodeError::UnknownTag(tag));
     }
-    let (msg, rest) = postcard::take_from_bytes::<Message>(payload)
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes::<Message>(payload).map_err(|e| {
+        DecodeError::Malformed(
+            Message::declared_over_bounds(payload).unwrap_or_else(|| e.to_string()),
+        )
+    })?;
     if !rest.is_empty() {
         return Err(DecodeError::Malformed(format!(
             "{} trailing bytes after the message",
@@ -112,8 +152,14 @@ impl FrameCodec {
         self.limits
     }
 
-    /// Encodes one message as a complete frame into `dst`.
+    /// Encodes one message as a complete frame into `dst`. Refuses a frame
+    /// longer than `max_frame` (`FrameTooLarge`) and a message the peer
+    /// would refuse for its size, such as a `Watermarks` of more than
+    /// [`MAX_OWNERS`](crate::message::MAX_OWNERS) owners (`Serialize`).
     pub fn encode_frame(&self, msg: &Message, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        if let Some(why) = msg.over_bounds() {
+            return Err(EncodeError::Serialize(why));
+        }
         let raw = postcard::to_stdvec(msg).map_err(|e| EncodeError::Serialize(e.to_string()))?;
         // Batch payloads and snapshot chunks are lz4 blocks already: a
         // second pass costs a compression attempt per frame and saves nothing.

@@ -2,8 +2,26 @@
 //!
 //! Variant order is the wire tag: append new variants at the end and bump
 //! [`PROTOCOL_VERSION`] when a change is not backwards compatible.
+//!
+//! # Bounds
+//!
+//! A frame decompresses to at most `Limits::max_decompressed` (64 MiB), and
+//! postcard builds each field at the length the bytes declare. Byte and
+//! string fields (`Hello.name`, `StateBatch.payload`, `SnapshotChunk.data`,
+//! `Error.message`, the names and paths of a `StateChange`'s record) take no
+//! more memory than the wire bytes that hold them, so the frame limits
+//! bound them. A list of structs is another matter: each element may be
+//! larger in memory than on the wire. The one such field, the list of
+//! `Watermarks`, is bounded by [`MAX_OWNERS`]: its deserializer refuses a
+//! longer list from its declared length, before reading or allocating for
+//! it, and the codec refuses to encode one. A list field added to
+//! [`Message`] needs a bound of its own.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::id::{DeviceId, IndexId, LibraryId, LocationId, Seq, SnapshotId, TransferId};
 use crate::model::Record;
@@ -13,6 +31,17 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];
+
+/// The most owners one [`Message::Watermarks`] may list: 65,536.
+///
+/// An owner is a device of the library; a user's library has a handful, so
+/// 65,536 is generous by four orders of magnitude. The bound is there
+/// because an entry is 18 bytes on the wire (16-byte id, two one-byte
+/// varints) and 32 in memory: a 64 MiB payload of them built a 119 MiB
+/// `Vec`, more while it grew. At the bound the list takes 2 MiB in memory,
+/// at least 1.1 MiB on the wire. A receiver refuses a longer list before
+/// allocating for it; a sender refuses to encode one.
+pub const MAX_OWNERS: usize = 1 << 16;
 
 /// Why a peer refused something; sent in `Message::Error` before closing.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
@@ -58,9 +87,10 @@ pub enum Message {
         /// Human-readable device name.
         name: String,
     },
-    /// What the sender holds of each owner: `(owner, index, seq)`.
-    /// Sent after `Hello`, and again after any bulk load completes.
-    Watermarks(Vec<(DeviceId, IndexId, Seq)>),
+    /// What the sender holds of each owner: `(owner, index, seq)`, at most
+    /// [`MAX_OWNERS`] of them. Sent after `Hello`, and again after any bulk
+    /// load completes.
+    Watermarks(#[serde(deserialize_with = "owners")] Vec<(DeviceId, IndexId, Seq)>),
     /// One record, for small live changes. Accepted only if
     /// `after <= receiver's watermark` for `owner` and `index_id`.
     StateChange {
@@ -184,6 +214,32 @@ impl Message {
     /// Number of variants: tags at or above it are unknown.
     pub const VARIANT_COUNT: u32 = 12;
 
+    /// The wire tag of [`Message::Watermarks`].
+    pub(crate) const WATERMARKS_TAG: u32 = 1;
+
+    /// Why a peer would refuse this message for its size, if it would: a
+    /// `Watermarks` of more than [`MAX_OWNERS`] owners. Checked by the
+    /// codec before encoding.
+    pub(crate) fn over_bounds(&self) -> Option<String> {
+        match self {
+            Message::Watermarks(list) if list.len() > MAX_OWNERS => {
+                Some(too_many_owners(list.len() as u64))
+            }
+            _ => None,
+        }
+    }
+
+    /// Why `payload`, a message that failed to deserialize, was refused,
+    /// if it declares a list longer than its bound. postcard drops the
+    /// message of a deserializer's error, so the codec asks here to report
+    /// the bound instead of "Serde Deserialization Error".
+    pub(crate) fn declared_over_bounds(payload: &[u8]) -> Option<String> {
+        // The tag and a sequence length are both varints.
+        let ((tag, declared), _) = postcard::take_from_bytes::<(u32, u64)>(payload).ok()?;
+        (tag == Self::WATERMARKS_TAG && declared > MAX_OWNERS as u64)
+            .then(|| too_many_owners(declared))
+    }
+
     /// A short name for logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -206,3 +262,43 @@ impl Message {
 /// Size of one uncompressed snapshot chunk: chunk `i` covers bytes
 /// `i * SNAPSHOT_CHUNK_SIZE ..` of the snapshot file.
 pub const SNAPSHOT_CHUNK_SIZE: usize = 1 << 20;
+
+/// The refusal of a `Watermarks` list of `len` owners.
+fn too_many_owners(len: u64) -> String {
+    format!("a watermarks list of {len} owners exceeds the maximum of {MAX_OWNERS}")
+}
+
+/// Deserializes the `Watermarks` list, at most [`MAX_OWNERS`] entries.
+fn owners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(DeviceId, IndexId, Seq)>, D::Error> {
+    d.deserialize_seq(BoundedVec::<_, MAX_OWNERS>(PhantomData))
+}
+
+/// A visitor of a sequence of at most `MAX` elements. A declared length
+/// above `MAX` (postcard gives it up front, as `size_hint`) is refused
+/// before anything is read or allocated; the capacity reserved is never
+/// more than `MAX` elements, and a sequence without a length hint is
+/// refused at its `MAX + 1`th element.
+struct BoundedVec<T, const MAX: usize>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>, const MAX: usize> Visitor<'de> for BoundedVec<T, MAX> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a sequence of at most {MAX} elements")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let hint = seq.size_hint();
+        if let Some(len) = hint.filter(|&len| len > MAX) {
+            return Err(serde::de::Error::invalid_length(len, &self));
+        }
+        let mut out = Vec::with_capacity(hint.unwrap_or(0).min(MAX));
+        while let Some(value) = seq.next_element()? {
+            if out.len() == MAX {
+                return Err(serde::de::Error::invalid_length(MAX + 1, &self));
+            }
+            out.push(value);
+        }
+        Ok(out)
+    }
+}

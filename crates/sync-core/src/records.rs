@@ -9,7 +9,9 @@
 //! root filesystem).
 //!
 //! Decoding trusts nothing it reads before checking it: the decompressed
-//! size against [`BatchLimits::decompressed_limit`], the record count
+//! size against [`BatchLimits::decompressed_limit`] (and, in
+//! [`decompress_checked`], against what the block's bytes can expand to,
+//! before its buffer is allocated), the record count
 //! against `max_records` before any per-record column, every column's
 //! declared length against the count (and against the bytes left) before
 //! anything is allocated for it, and the text the records decode to
@@ -42,9 +44,6 @@ const BYTES_PER_RECORD: usize = 512;
 /// Decompressed bytes a batch may take beyond [`BYTES_PER_RECORD`] per
 /// record: the layout byte, length prefixes, a few long location paths.
 const BATCH_OVERHEAD: usize = 64 << 10;
-/// The most an lz4 block can expand: a match's length grows by at most 255
-/// per byte of input, literals by one.
-const LZ4_MAX_EXPANSION: u64 = 255;
 /// The fewest bytes a location record takes: two ids, two empty strings,
 /// a one-byte seq and the tombstone flag.
 const MIN_LOCATION_BYTES: usize = 16 + 16 + 1 + 1 + 1 + 1;
@@ -528,24 +527,6 @@ fn timestamp(i: usize, column: &str, us: i64) -> Result<DateTime<Utc>, DecodeErr
     })
 }
 
-/// Refuses an lz4 block that declares more than its bytes can expand to,
-/// before its buffer is allocated. A block that declares more than `max`
-/// is left to [`decompress_checked`], which reports the limit.
-fn check_expansion(payload: &[u8], max: usize) -> Result<(), DecodeError> {
-    let Some((head, body)) = payload.split_first_chunk::<4>() else {
-        return Ok(());
-    };
-    let declared = u64::from(u32::from_le_bytes(*head));
-    let most = (body.len() as u64).saturating_mul(LZ4_MAX_EXPANSION);
-    if declared <= max as u64 && declared > most {
-        return Err(DecodeError::Lz4(format!(
-            "a block of {} bytes cannot expand to the {declared} it declares",
-            body.len()
-        )));
-    }
-    Ok(())
-}
-
 /// Decodes a batch payload made by [`encode_records`]: locations first,
 /// then entries in their encoded order. Every length is checked against
 /// the limits before anything is allocated for it, every column against
@@ -553,7 +534,6 @@ fn check_expansion(payload: &[u8], max: usize) -> Result<(), DecodeError> {
 /// arithmetic on decoded values cannot overflow.
 pub fn decode_records(payload: &[u8], limits: &BatchLimits) -> Result<Vec<Record>, DecodeError> {
     let max_bytes = limits.decompressed_limit();
-    check_expansion(payload, max_bytes)?;
     let raw = decompress_checked(payload, max_bytes)?;
     let mut text = Budget::new(max_bytes);
     let mut reader = Reader { rest: &raw };

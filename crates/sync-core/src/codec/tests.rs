@@ -482,3 +482,138 @@ fn saturated_timestamps_encode_back_to_themselves() {
     }
     assert!(decoded > 0, "the crash input holds a frame");
 }
+
+/// A size-prepended block of `body` declaring `declared` bytes.
+fn lying_block(declared: u32, body: &[u8]) -> Vec<u8> {
+    let mut block = declared.to_le_bytes().to_vec();
+    block.extend_from_slice(body);
+    block
+}
+
+/// Regression: `decompress_checked` allocated (zeroed) whatever the size
+/// prefix declared, up to the limit, before decompressing: 68 bytes cost
+/// 30 MiB. A block declaring more than 255 times its bytes is refused
+/// first, by frames, batches and snapshot chunks alike.
+#[test]
+fn decompress_checked_refuses_a_size_prefix_beyond_lz4_expansion() {
+    fn expansion(r: &Result<Vec<u8>, DecodeError>) -> bool {
+        matches!(r, Err(DecodeError::Lz4(m)) if m.contains("cannot expand"))
+    }
+    let block = lying_block(30 << 20, &[0xff; 64]);
+    assert_eq!(block.len(), 68);
+    let got = decompress_checked(&block, 64 << 20);
+    assert!(expansion(&got), "{got:?}");
+    // The bound is exact: 255 bytes per byte of the block, one more is refused.
+    let at = lying_block(64 * 255, &[0xff; 64]);
+    let got = decompress_checked(&at, 64 << 20);
+    assert!(
+        matches!(&got, Err(DecodeError::Lz4(_))) && !expansion(&got),
+        "{got:?}"
+    );
+    let above = lying_block(64 * 255 + 1, &[0xff; 64]);
+    assert!(expansion(&decompress_checked(&above, 64 << 20)));
+    // The limit is reported as before when the block declares more than it.
+    assert!(matches!(
+        decompress_checked(&lying_block(2 << 20, &[0; 64]), 1 << 20),
+        Err(DecodeError::DecompressedTooLarge { declared, max }) if declared == 2 << 20 && max == 1 << 20
+    ));
+    // In a frame.
+    let mut buf = frame(block.len() as u32, FLAG_LZ4, &block);
+    let got = FrameCodec::default().decode(&mut buf);
+    assert!(
+        matches!(&got, Err(DecodeError::Lz4(m)) if m.contains("cannot expand")),
+        "{got:?}"
+    );
+    // As a record batch.
+    let got = decode_records(&block, &BatchLimits::default());
+    assert!(
+        matches!(&got, Err(DecodeError::Lz4(m)) if m.contains("cannot expand")),
+        "{got:?}"
+    );
+}
+
+/// The most compressible inputs stay within the bound: the check cannot
+/// refuse what lz4 (this encoder or another) produced.
+#[test]
+fn the_most_compressible_blocks_expand_within_the_bound() {
+    for len in [0, 1, 12, 13, 255, 4096, 65_536, 1 << 20, 16 << 20] {
+        let data = vec![0u8; len];
+        let block = compress(&data);
+        let body = (block.len() - 4) as u64;
+        assert!(len as u64 <= body * LZ4_MAX_EXPANSION, "{len} from {body}");
+        assert_eq!(decompress_checked(&block, 16 << 20).unwrap(), data, "{len}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn runs_of_bytes_expand_within_the_bound(
+        runs in proptest::collection::vec((any::<u8>(), 1usize..20_000), 0..16)
+    ) {
+        let data: Vec<u8> = runs.iter().flat_map(|&(b, n)| std::iter::repeat_n(b, n)).collect();
+        let block = compress(&data);
+        prop_assert!(data.len() as u64 <= (block.len() as u64 - 4) * LZ4_MAX_EXPANSION);
+        prop_assert_eq!(decompress_checked(&block, 1 << 20).unwrap(), data);
+    }
+}
+
+/// `n` distinct watermark entries.
+fn watermarks(n: usize) -> Vec<(DeviceId, IndexId, Seq)> {
+    (0..n as u64)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            (DeviceId::from_bytes(id), IndexId(i), Seq(u64::MAX - i))
+        })
+        .collect()
+}
+
+#[test]
+fn watermarks_tag_is_its_variant_index() {
+    let raw = postcard::to_stdvec(&Message::Watermarks(Vec::new())).unwrap();
+    assert_eq!(raw, [Message::WATERMARKS_TAG as u8, 0]);
+}
+
+/// Regression: `Watermarks` was deserialized at whatever length it
+/// declared. At most `MAX_OWNERS` entries now, on both sides.
+#[test]
+fn watermarks_are_bounded_by_max_owners() {
+    use crate::message::MAX_OWNERS;
+    let mut codec = FrameCodec::default();
+    // The largest list allowed round-trips.
+    let most = Message::Watermarks(watermarks(MAX_OWNERS));
+    let mut buf = encode(&most);
+    assert_eq!(codec.decode(&mut buf).unwrap(), Some(most));
+    assert!(buf.is_empty());
+
+    // One more: the encoder refuses it.
+    let over = Message::Watermarks(watermarks(MAX_OWNERS + 1));
+    assert!(matches!(
+        codec.encode_frame(&over, &mut BytesMut::new()),
+        Err(EncodeError::Serialize(m)) if m.contains("65537 owners")
+    ));
+    // Spelled out by another encoder, the decoder refuses it, naming the bound.
+    let raw = postcard::to_stdvec(&over).unwrap();
+    let got = decode_message(&raw);
+    assert!(
+        matches!(&got, Err(DecodeError::Malformed(m)) if m.contains("65537 owners") && m.contains("65536")),
+        "{got:?}"
+    );
+    // The bound is the deserializer's, not the codec's: postcard alone refuses it.
+    assert!(postcard::from_bytes::<Message>(&raw).is_err());
+    // A list declaring more than it holds.
+    let mut short = vec![Message::WATERMARKS_TAG as u8];
+    short.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+    short.extend_from_slice(&raw[4..1000]);
+    let got = decode_message(&short);
+    assert!(
+        matches!(&got, Err(DecodeError::Malformed(m)) if m.contains("4294967295 owners")),
+        "{got:?}"
+    );
+    // Other malformed messages keep postcard's reason.
+    let got = decode_message(&[Message::WATERMARKS_TAG as u8, 2, 0]);
+    assert!(
+        matches!(&got, Err(DecodeError::Malformed(m)) if !m.contains("owners")),
+        "{got:?}"
+    );
+}
