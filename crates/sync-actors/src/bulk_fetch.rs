@@ -805,15 +805,9 @@ impl Receiver {
             .import_snapshot(d.download)
             .instrument(span)
             .await
-            .map_err(|e| match e {
-                // SQLite refusing the peer's file ("database disk image is
-                // malformed") is the snapshot's fault, not this library's.
-                StorageError::Db(_) => Refusal {
-                    code: ErrorCode::BadSnapshot,
-                    message: format!("snapshot rejected: {e}"),
-                },
-                other => other.into(),
-            })?;
+            // SQLite refusing the peer's file is `BadSnapshot` (storage
+            // reads it on its own connection); a `Db` error is this library's.
+            .map_err(Refusal::from)?;
         self.shared.emit(SyncEvent::SnapshotImported {
             owner: self.owner,
             snapshot: offer.id,
