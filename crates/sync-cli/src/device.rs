@@ -121,7 +121,11 @@ pub async fn id(data: &Path, json: bool) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
-            json!({"device_id": identity.device_id.to_string(), "fingerprint": identity.fingerprint.to_string()})
+            json!({
+                "device_id": identity.device_id.to_string(),
+                "library_id": device.library_id.to_string(),
+                "fingerprint": identity.fingerprint.to_string(),
+            })
         );
     } else {
         println!("device_id   {}", identity.device_id);

@@ -113,7 +113,7 @@ impl Identity {
         let cert =
             CertificateDer::from_pem_slice(&cert_pem).map_err(|e| err(&cert_path, "parse", e))?;
 
-        warn_if_dir_is_open(dir);
+        tighten_dir(dir);
         let key_path = dir.join(KEY_FILE);
         let key_pem = read_private(&key_path)?;
         let key =
@@ -217,19 +217,28 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Logs a warning when the identity directory is open to group or others.
-fn warn_if_dir_is_open(dir: &Path) {
+/// Tightens an identity directory open to group or others to 0700 (made
+/// by an older version, or by hand), warning when it cannot.
+fn tighten_dir(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = fs::metadata(dir) {
-        let mode = m.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                dir = %dir.display(),
-                mode = format!("{mode:o}"),
-                "the identity directory is open to group or others: run `chmod 700 {}`",
-                dir.display()
-            );
+    let Ok(m) = fs::metadata(dir) else {
+        return;
+    };
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return;
+    }
+    match fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+        Ok(()) => {
+            tracing::info!(dir = %dir.display(), was = format!("{mode:o}"), "identity directory set to mode 700")
         }
+        Err(e) => tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            cause = %e,
+            "the identity directory is open to group or others: run `chmod 700 {}`",
+            dir.display()
+        ),
     }
 }
 
@@ -402,6 +411,13 @@ mod tests {
             .save(&open)
             .unwrap();
         assert_eq!(mode(&open), 0o700);
+        // And one left open by an older version is tightened when loaded.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Identity::load(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
         // No temporary file is left behind.
         let mut names: Vec<String> = fs::read_dir(&dir)
             .unwrap()

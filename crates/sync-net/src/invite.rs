@@ -50,7 +50,9 @@ pub struct Invite {
     pub device: DeviceId,
     /// That device's certificate fingerprint.
     pub fingerprint: CertFingerprint,
-    /// Where that device can be dialed (`host:port`), if it said.
+    /// Where that device can be dialed (`host:port`, at most
+    /// [`MAX_ADDRESS`] bytes), if it said. One that [`check_address`]
+    /// refuses is left out of the string.
     pub address: Option<String>,
 }
 
@@ -117,8 +119,10 @@ fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
 
 impl Invite {
     fn to_bytes(&self) -> Vec<u8> {
-        let addr = self.address.as_deref().unwrap_or("").as_bytes();
-        let addr = &addr[..addr.len().min(MAX_ADDRESS)];
+        let addr = match self.address.as_deref() {
+            Some(a) if check_address(a).is_ok() => a.as_bytes(),
+            _ => &[],
+        };
         let mut out = Vec::with_capacity(FIXED_LEN + addr.len() + CHECKSUM_LEN);
         out.push(INVITE_VERSION);
         out.push(u8::from(self.reply));
@@ -296,6 +300,12 @@ mod tests {
             let messy = format!("  {}\n{} ", &text[..40].to_uppercase(), &text[40..]);
             assert_eq!(messy.parse::<Invite>().unwrap(), inv);
         }
+        // An address that is not HOST:PORT is left out, never cut.
+        let mut long = sample(Some("x:1"));
+        long.address = Some(format!("{}:1", "h".repeat(MAX_ADDRESS)));
+        let back: Invite = long.to_string().parse().unwrap();
+        assert_eq!(back.address, None);
+        assert_eq!(back.device, long.device);
         let mut reply = sample(None);
         reply.reply = true;
         assert_eq!(reply.to_string().parse::<Invite>().unwrap(), reply);
