@@ -14,7 +14,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
 
 use crate::NetConfig;
-use crate::admission::{Admission, ListenerStats, Outcome, Start};
+use crate::admission::{Admission, HeldStream, ListenerStats, Outcome, Start};
 use crate::conn::{BoxStream, Connection, Establish, establish, refuse_busy};
 use crate::error::{NetError, map_io_error};
 use crate::fingerprint::CertFingerprint;
@@ -69,12 +69,16 @@ impl Listener {
     /// are logged with the peer address and skipped.
     ///
     /// Accepting never waits on a handshake: at most `max_handshaking` run
-    /// at once (`max_handshaking_per_ip` per source address), other sockets
-    /// wait (at most `max_waiting`), sources with the fewest running
-    /// handshakes first; a handshake running longer than `handshake_grace`,
-    /// or from a source running two more than the waiting socket's, loses
-    /// its place to it. Beyond `max_connections` authenticated connections,
-    /// newcomers get `Error { Busy }`. See [`Listener::stats`]. Cancel-safe.
+    /// at once (`max_handshaking_per_ip` per source: an IPv4 address or an
+    /// IPv6 /64), other sockets wait (at most `max_waiting`), sources with
+    /// the fewest running handshakes first, then those whose sockets failed
+    /// or stalled least recently; a handshake running longer than
+    /// `handshake_grace`, or from a source running two more than the
+    /// waiting socket's, loses its place to it. Beyond `max_connections`
+    /// authenticated connections, newcomers get `Error { Busy }`. One device
+    /// holds at most 4 connections: a newer one closes its oldest (whose
+    /// `recv` then fails). See [`Listener::stats`] and `admission.rs`.
+    /// Cancel-safe.
     pub async fn accept(&self) -> Result<Connection, NetError> {
         self.rx.lock().await.recv().await.ok_or(NetError::Closed)
     }
@@ -129,8 +133,9 @@ async fn accept_loop(
 }
 
 /// Runs one server-side handshake: TLS (in the admission table, evictable),
-/// then `Hello` (out of it: the peer holds a pinned certificate), all
-/// within `handshake_timeout` of the socket's arrival.
+/// then `Hello` (out of it: the peer holds a pinned certificate, and the
+/// slot is charged to its device), all within `handshake_timeout` of the
+/// socket's arrival.
 async fn handshake(
     start: Start,
     admission: Arc<Admission>,
@@ -155,15 +160,27 @@ async fn handshake(
         Ok(Err(e)) => return admission.finish(id, peer, Some(Outcome::Failed(e))),
         Err(_) => return admission.finish(id, peer, Some(Outcome::TimedOut)),
     };
-    let Some(slot) = admission.leave_table(id) else {
+    // The device the certificate is pinned to (TLS checked the pin).
+    let pinned = tls::peer_fingerprint(stream.get_ref().1.peer_certificates()).and_then(|fp| {
+        let device = config
+            .trust
+            .lookup(&fp)
+            .ok_or(NetError::UnknownCertificate)?;
+        Ok((fp, device))
+    });
+    let (fp, device) = match pinned {
+        Ok(pinned) => pinned,
+        Err(e) => return admission.finish(id, peer, Some(Outcome::Failed(e))),
+    };
+    // From here the slot is charged to the device and lives in the stream.
+    let Some(ticket) = admission.leave_table(id, device) else {
         return; // evicted as TLS completed
     };
-    let hello = async {
-        let fp = tls::peer_fingerprint(stream.get_ref().1.peer_certificates())?;
-        let mut e = Establish::new(&config, peer.to_string(), fp);
-        e.permit = Some(Arc::new(slot));
-        establish(Box::new(stream), e).await
-    };
+    let stream = HeldStream::new(Box::new(stream), ticket);
+    let hello = establish(
+        Box::new(stream),
+        Establish::new(&config, peer.to_string(), fp),
+    );
     match tokio::time::timeout_at(deadline, hello).await {
         Ok(Ok(conn)) => {
             admission.authenticated();
