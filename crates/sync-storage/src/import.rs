@@ -75,9 +75,11 @@ pub(crate) fn deadline_for(bytes: u64) -> Duration {
     DEADLINE_BASE + Duration::from_secs(bytes / DEADLINE_BYTES_PER_SEC)
 }
 
-/// The private copy made of a download before anything reads it.
+/// The private copy made of a download before anything reads it: a name
+/// of its own per import (two sessions may import the same offer at once),
+/// removed afterwards and, after a crash, at the next start.
 fn private_copy_path(part: &Path) -> PathBuf {
-    part.with_extension("verify")
+    crate::perms::temp_beside(part)
 }
 
 impl Store {
@@ -235,11 +237,6 @@ fn copy_verified(part: &Path, to: &Path, offer: &SnapshotOfferInfo) -> Result<()
         // Never open a download through a symlink planted in its place.
         .custom_flags(libc::O_NOFOLLOW)
         .open(part)?;
-    // A leftover of a crashed import is ours to replace.
-    match std::fs::remove_file(to) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-        _ => {}
-    }
     let mut dst = private_file(to)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
