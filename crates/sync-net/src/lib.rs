@@ -77,11 +77,13 @@ pub struct NetConfig {
     /// (default 16); more sockets wait for a slot.
     pub max_handshaking: usize,
     /// Accepted sockets that may wait for a handshake slot (default 64);
-    /// beyond it, the oldest waiting socket of the source with the most
-    /// waiting is closed.
+    /// beyond it, the oldest socket of the source holding the most (waiting
+    /// and running, ties broken by that source's strikes) is closed. A
+    /// source is an IPv4 address or an IPv6 /64.
     pub max_waiting: usize,
-    /// TLS handshakes a listener runs at once for one source IP address
-    /// (default 4), so that one host cannot take every handshake slot.
+    /// TLS handshakes a listener runs at once for one source (an IPv4
+    /// address or an IPv6 /64; default 4), so that one host cannot take
+    /// every handshake slot.
     pub max_handshaking_per_ip: usize,
     /// How long a running TLS handshake keeps its slot against a waiting
     /// socket (default 500 ms; a LAN handshake takes milliseconds). After
