@@ -1,5 +1,5 @@
 //! Peak allocation of `decode_records` on hostile batch payloads, measured
-//! by a counting global allocator, and the replay of the `record_batch`
+//! by the counting global allocator of `support`, and the replay of the `record_batch`
 //! fuzz regressions (`fuzz/regressions/record_batch/`) under it.
 //!
 //! A payload may only cost what the limits allow: the decompressed buffer
@@ -9,102 +9,18 @@
 //! The allocator counts every allocation of this test binary, so the tests
 //! take one lock and measure one at a time.
 
-// `GlobalAlloc` is an unsafe trait: the counting wrapper around the system
-// allocator needs `unsafe` (the workspace denies it). Nothing else in this
-// file is unsafe, and this is a test binary of its own.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sync_core::codec::compress;
 use sync_core::records::BatchLimits;
 use sync_core::{DecodeError, Record, decode_records, encode_records};
 
-// ---------------------------------------------------------------- allocator
+mod support;
+use support::{MIB, lock, measure, varint};
 
-/// The system allocator, counting the bytes currently allocated and the
-/// peak since the last [`measure`] started.
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grow(bytes: usize) {
-    let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-fn shrink(bytes: usize) {
-    CURRENT.fetch_sub(bytes, Ordering::Relaxed);
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments and
-// only adds bookkeeping on atomics, which never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is; the caller upholds `alloc`'s contract.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is; the caller upholds `alloc_zeroed`'s contract.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as is; `ptr` came from this allocator with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrink(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded as is; the caller upholds `realloc`'s contract.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            // Counted as a new block before the old one is freed: the
-            // worst case of a realloc that moves (an upper bound).
-            grow(new_size);
-            shrink(layout.size());
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// One measurement at a time: the counters are global to the binary.
-static LOCK: Mutex<()> = Mutex::new(());
-
-const MIB: usize = 1 << 20;
 /// The ceiling of the security issue: no payload may make the decoder
 /// allocate this much.
 const CEILING: usize = 128 * MIB;
-
-/// Runs `f` and returns its result with the most bytes allocated during it
-/// above what was allocated before. Call with [`LOCK`] held.
-fn measure<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let r = f();
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
-    (r, peak)
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Decodes `payload` under `limits`, returning the outcome and the peak.
 fn decode_measured(
@@ -114,20 +30,26 @@ fn decode_measured(
     measure(|| decode_records(payload, limits))
 }
 
-// ---------------------------------------------------------------- payloads
-
-/// Appends `v` as a postcard varint.
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
+/// [`decode_measured`], and prints the outcome and the peak as `case`.
+fn decode_printed(
+    case: &str,
+    payload: &[u8],
+    limits: &BatchLimits,
+) -> (Result<Vec<Record>, DecodeError>, usize) {
+    let (outcome, peak) = decode_measured(payload, limits);
+    let what = match &outcome {
+        Ok(r) => format!("{} records", r.len()),
+        Err(e) => format!("{e:?}"),
+    };
+    eprintln!(
+        "{case}: payload {} B, peak {:.2} MiB: {what}",
+        payload.len(),
+        peak as f64 / MIB as f64
+    );
+    (outcome, peak)
 }
+
+// ---------------------------------------------------------------- payloads
 
 fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
@@ -283,17 +205,6 @@ fn parent_overflow() -> Vec<u8> {
         .payload()
 }
 
-fn print(case: &str, payload: usize, peak: usize, outcome: &Result<Vec<Record>, DecodeError>) {
-    let outcome = match outcome {
-        Ok(r) => format!("{} records", r.len()),
-        Err(e) => format!("{e:?}"),
-    };
-    eprintln!(
-        "{case}: payload {payload} B, peak {:.2} MiB: {outcome}",
-        peak as f64 / MIB as f64
-    );
-}
-
 // ---------------------------------------------------------------- tests
 
 #[test]
@@ -329,13 +240,7 @@ fn a_column_longer_than_the_count_is_refused_before_it_is_allocated() {
         ..BatchLimits::default()
     };
     assert_eq!(wide.decompressed_limit(), 64 * MIB);
-    let (outcome, peak) = decode_measured(&payload, &wide);
-    print(
-        "id_hi of 64 Mi values, 1 record",
-        payload.len(),
-        peak,
-        &outcome,
-    );
+    let (outcome, peak) = decode_printed("id_hi of 64 Mi values, 1 record", &payload, &wide);
     assert!(
         matches!(
             outcome,
@@ -353,12 +258,10 @@ fn a_column_longer_than_the_count_is_refused_before_it_is_allocated() {
 
     // Under the default limits the same payload cannot even decompress:
     // 65,536 records may take 32 MiB, not 64.
-    let (outcome, peak) = decode_measured(&payload, &BatchLimits::default());
-    print(
+    let (outcome, peak) = decode_printed(
         "id_hi of 64 Mi values, default limits",
-        payload.len(),
-        peak,
-        &outcome,
+        &payload,
+        &BatchLimits::default(),
     );
     assert!(
         matches!(outcome, Err(DecodeError::DecompressedTooLarge { .. })),
@@ -381,12 +284,10 @@ fn every_oversized_column_is_refused_within_its_decompressed_size() {
         }
         let raw = Raw::one_entry().set(field, column(big as u64, &vec![0; big]));
         let payload = raw.payload();
-        let (outcome, peak) = decode_measured(&payload, &BatchLimits::default());
-        print(
+        let (outcome, peak) = decode_printed(
             &format!("{field} of 4 Mi values"),
-            payload.len(),
-            peak,
-            &outcome,
+            &payload,
+            &BatchLimits::default(),
         );
         match (&outcome, field) {
             (Err(DecodeError::TooManyRecords { .. }), "locations") => {}
@@ -439,8 +340,8 @@ fn a_huge_record_count_is_refused_before_any_column() {
     let _g = lock();
     for count in [u64::from(u32::MAX), 65_537, 1 << 20] {
         let payload = Raw::one_entry().set("count", scalar(count)).payload();
-        let (outcome, peak) = decode_measured(&payload, &BatchLimits::default());
-        print(&format!("count {count}"), payload.len(), peak, &outcome);
+        let (outcome, peak) =
+            decode_printed(&format!("count {count}"), &payload, &BatchLimits::default());
         assert!(
             matches!(outcome, Err(DecodeError::TooManyRecords { count: c, max: 65_536 }) if c == count),
             "{outcome:?}"
@@ -457,12 +358,10 @@ fn a_huge_record_count_is_refused_before_any_column() {
     // The largest count allowed, with columns sized for one record: the
     // first column is refused, and nothing was reserved for 65,536 records.
     let payload = Raw::one_entry().set("count", scalar(65_536)).payload();
-    let (outcome, peak) = decode_measured(&payload, &BatchLimits::default());
-    print(
+    let (outcome, peak) = decode_printed(
         "count 65,536, columns of one",
-        payload.len(),
-        peak,
-        &outcome,
+        &payload,
+        &BatchLimits::default(),
     );
     assert!(
         matches!(
@@ -495,8 +394,7 @@ fn names_cannot_expand_past_the_limit_through_shared_prefixes() {
     let _g = lock();
     let payload = name_amplifier(4096, 64 << 10);
     let limits = BatchLimits::default();
-    let (outcome, peak) = decode_measured(&payload, &limits);
-    print("4,096 names of 64 KiB", payload.len(), peak, &outcome);
+    let (outcome, peak) = decode_printed("4,096 names of 64 KiB", &payload, &limits);
     assert!(
         matches!(&outcome, Err(DecodeError::Malformed(m)) if m.contains("text")),
         "{outcome:?}"
@@ -541,8 +439,8 @@ fn an_lz4_block_declaring_more_than_it_can_hold_is_refused_unallocated() {
     let _g = lock();
     let mut payload = (30 * MIB as u32).to_le_bytes().to_vec();
     payload.extend_from_slice(&[0xff; 64]);
-    let (outcome, peak) = decode_measured(&payload, &BatchLimits::default());
-    print("64 B declaring 30 MiB", payload.len(), peak, &outcome);
+    let (outcome, peak) =
+        decode_printed("64 B declaring 30 MiB", &payload, &BatchLimits::default());
     assert!(matches!(outcome, Err(DecodeError::Lz4(_))), "{outcome:?}");
     assert!(peak < 64 << 10, "peak {peak} B");
 }
@@ -578,9 +476,8 @@ fn record_batch_fuzz_regressions_replay_cleanly() {
     for path in &files {
         let data = std::fs::read(path).expect("a regression file");
         for (how, payload) in [("as is", data.clone()), ("lz4-wrapped", compress(&data))] {
-            let (outcome, peak) = decode_measured(&payload, &limits);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            print(&format!("{name:?} {how}"), payload.len(), peak, &outcome);
+            let (outcome, peak) = decode_printed(&format!("{name:?} {how}"), &payload, &limits);
             assert!(
                 peak < limits.decompressed_limit() * 2 + 16 * MIB && peak < CEILING,
                 "{path:?} {how}: peak {peak} B"

@@ -1,5 +1,5 @@
 //! Peak allocation of the wire codec on hostile frames and blocks, measured
-//! by a counting global allocator: lz4 blocks whose size prefix lies
+//! by the counting global allocator of `support`: lz4 blocks whose size prefix lies
 //! (`decompress_checked`), `Watermarks` lists longer than [`MAX_OWNERS`],
 //! and record batches decoded under the count their frame declares.
 //!
@@ -9,16 +9,6 @@
 //!
 //! The allocator counts every allocation of this test binary, so the tests
 //! take one lock and measure one at a time.
-
-// `GlobalAlloc` is an unsafe trait: the counting wrapper around the system
-// allocator needs `unsafe` (the workspace denies it). Nothing else in this
-// file is unsafe, and this is a test binary of its own. The wrapper is the
-// one of `alloc_limits.rs`.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, Encoder};
@@ -32,85 +22,8 @@ use sync_core::{
     decode_records, encode_records,
 };
 
-// ---------------------------------------------------------------- allocator
-
-/// The system allocator, counting the bytes currently allocated and the
-/// peak since the last [`measure`] started.
-struct Counting;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grow(bytes: usize) {
-    let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-fn shrink(bytes: usize) {
-    CURRENT.fetch_sub(bytes, Ordering::Relaxed);
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments and
-// only adds bookkeeping on atomics, which never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is; the caller upholds `alloc`'s contract.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is; the caller upholds `alloc_zeroed`'s contract.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded as is; `ptr` came from this allocator with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        shrink(layout.size());
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded as is; the caller upholds `realloc`'s contract.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            // Counted as a new block before the old one is freed: the
-            // worst case of a realloc that moves (an upper bound).
-            grow(new_size);
-            shrink(layout.size());
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-/// One measurement at a time: the counters are global to the binary.
-static LOCK: Mutex<()> = Mutex::new(());
-
-const MIB: usize = 1 << 20;
-
-/// Runs `f` and returns its result with the most bytes allocated during it
-/// above what was allocated before. Call with [`LOCK`] held.
-fn measure<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let r = f();
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
-    (r, peak)
-}
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+mod support;
+use support::{MIB, lock, measure, varint};
 
 // ---------------------------------------------------------------- inputs
 
@@ -134,19 +47,6 @@ fn frame(flags: u8, payload: &[u8]) -> BytesMut {
     b.extend_from_slice(&[flags]);
     b.extend_from_slice(payload);
     b
-}
-
-/// Appends `v` as a postcard varint.
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
 }
 
 /// The postcard bytes of a `Watermarks` message that declares `declared`

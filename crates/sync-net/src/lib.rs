@@ -30,6 +30,8 @@ mod tls;
 mod trust;
 
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

@@ -1,48 +1,20 @@
 //! Tests over real TLS on loopback, the in-memory transport and the fault wrapper.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use sync_core::{
-    DeviceId, ErrorCode, FrameCodec, IndexId, LibraryId, Message, PROTOCOL_VERSION, Seq,
-};
+use sync_core::{DeviceId, ErrorCode, FrameCodec, LibraryId, Message, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::net::dial_inner;
-use crate::{Connection, Identity, Listener, NetConfig, NetError, TrustStore, dial, memory_pair};
-
-fn config(library: LibraryId, name: &str) -> NetConfig {
-    let identity = Identity::generate(DeviceId::new_v7()).unwrap();
-    let me = identity.device_id;
-    let mut c = NetConfig::new(
-        Arc::new(identity),
-        TrustStore::in_memory(me),
-        library,
-        name.to_string(),
-    );
-    c.handshake_timeout = Duration::from_secs(3);
-    c.idle_timeout = Duration::from_secs(5);
-    c
-}
-
-/// `a` pins `b`'s certificate, bound to `b`'s device.
-fn pin(a: &NetConfig, b: &NetConfig) {
-    a.trust
-        .trust(b.identity.fingerprint, b.identity.device_id)
-        .unwrap();
-}
-
-fn mutual(a: &NetConfig, b: &NetConfig) {
-    pin(a, b);
-    pin(b, a);
-}
-
-fn wm(n: u64) -> Message {
-    Message::Watermarks(vec![(DeviceId::from_bytes([1; 16]), IndexId(7), Seq(n))])
-}
+use crate::test_support::{
+    FloodPlan, FloodRound, Stall, closed_within, config, connect, connect_from, defaults_of,
+    eventually, exchange, good_client, mutual, open_fds, pin, raw_tls, wm,
+};
+use crate::{Identity, Listener, NetConfig, NetError, TrustStore, dial, memory_pair};
 
 fn frame(msg: &Message) -> Vec<u8> {
     let mut buf = BytesMut::new();
@@ -66,49 +38,12 @@ async fn server() -> (NetConfig, Listener) {
     (cfg, listener)
 }
 
-/// A client trusted by (and trusting) the server.
-fn good_client(server: &NetConfig) -> NetConfig {
-    let c = config(server.library, "client");
-    mutual(server, &c);
-    c
-}
-
-/// Dials and accepts; returns (client side, server side).
-async fn connect(listener: &Listener, client: &NetConfig) -> (Connection, Connection) {
-    let addr = listener.local_addr().to_string();
-    let (c, s) = tokio::join!(dial(&addr, client), async {
-        tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("accept timed out")
-    });
-    (c.unwrap(), s.unwrap())
-}
-
-/// Frames flow both ways between the two ends.
-async fn exchange(a: &mut Connection, b: &mut Connection) {
-    a.send(wm(1)).await.unwrap();
-    assert_eq!(b.recv().await.unwrap(), Some(wm(1)));
-    b.send(wm(2)).await.unwrap();
-    assert_eq!(a.recv().await.unwrap(), Some(wm(2)));
-}
-
 /// The listener still serves a good peer.
 async fn still_serving(server: &NetConfig, listener: &Listener) {
     let client = good_client(server);
     let (mut c, mut s) = connect(listener, &client).await;
     assert_eq!(s.peer.device, client.identity.device_id);
     exchange(&mut c, &mut s).await;
-}
-
-/// A TLS stream to the listener that skips our `Hello` logic.
-async fn raw_tls(addr: &str, cfg: &NetConfig) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let tls = crate::tls::client_config(cfg).unwrap();
-    let sock = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME).unwrap();
-    tokio_rustls::TlsConnector::from(tls)
-        .connect(name, sock)
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -689,14 +624,6 @@ async fn try_send_reports_a_full_queue() {
 
 // ---- Admission: floods of unauthenticated sockets ----
 
-/// A TCP connection to `to` from the loopback address `from`: on Linux all
-/// of 127.0.0.0/8 is loopback, so the listener sees another host.
-async fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::from((from, 0)))?;
-    sock.connect(to).await
-}
-
 /// A TLS connection to `to` from `from` with `cfg`'s identity, skipping our `Hello` logic.
 async fn tls_from(
     from: [u8; 4],
@@ -711,60 +638,7 @@ async fn tls_from(
         .await
 }
 
-/// Open file descriptors of this process.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// The bytes of a real TLS 1.3 ClientHello from `cfg`.
-fn client_hello(cfg: &NetConfig) -> Vec<u8> {
-    let tls = crate::tls::client_config(cfg).unwrap();
-    let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME).unwrap();
-    let mut conn = rustls::ClientConnection::new(tls, name).unwrap();
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).unwrap();
-    }
-    out
-}
-
-/// Whether the listener closes `sock` within `within` (EOF or reset).
-async fn closed_within(sock: &mut TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0) | Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
-/// Polls `cond` every 5 ms for up to 10 s.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// How a hostile socket stalls its handshake.
-#[derive(Clone, Copy, Debug)]
-enum Stall {
-    /// TCP only, not one byte.
-    Silent,
-    /// Half a ClientHello, then nothing.
-    HalfHello,
-    /// A whole ClientHello, then nothing (the listener waits for a certificate).
-    HelloThenSilence,
-    /// A ClientHello, one byte every 50 ms (slowloris).
-    Drip,
-    /// Not TLS: refused at once, and reopened at once.
-    Garbage,
-}
-
+/// The stalls of these floods, in turn (no stranger's handshakes).
 const STALLS: [Stall; 5] = [
     Stall::Silent,
     Stall::HalfHello,
@@ -773,78 +647,9 @@ const STALLS: [Stall; 5] = [
     Stall::Garbage,
 ];
 
-/// Opens one stalled connection from `from` and holds it until the listener closes it.
-async fn stall(from: [u8; 4], to: SocketAddr, how: Stall, hello: Arc<Vec<u8>>) {
-    let Ok(mut sock) = connect_from(from, to).await else {
-        return;
-    };
-    let wrote = match how {
-        Stall::Silent => Ok(()),
-        Stall::HalfHello => sock.write_all(&hello[..hello.len() / 2]).await,
-        Stall::HelloThenSilence => sock.write_all(&hello).await,
-        Stall::Garbage => sock.write_all(b"GET / HTTP/1.1\r\n\r\n").await,
-        Stall::Drip => {
-            for byte in hello.iter() {
-                if sock.write_all(&[*byte]).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok(())
-        }
-    };
-    if wrote.is_ok() {
-        let mut buf = [0u8; 4096];
-        while let Ok(1..) = sock.read(&mut buf).await {}
-    }
-}
-
-/// Keeps `held` stalled connections open from `sources` (every kind of
-/// [`Stall`] in turn), opening a new one as soon as the listener closes one,
-/// until `stop`. Returns how many it opened.
-async fn flood(
-    to: SocketAddr,
-    sources: Vec<[u8; 4]>,
-    held: usize,
-    hello: Arc<Vec<u8>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> u64 {
-    let slots = Arc::new(tokio::sync::Semaphore::new(held));
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut opened = 0u64;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let Ok(Ok(slot)) =
-            tokio::time::timeout(Duration::from_millis(20), slots.clone().acquire_owned()).await
-        else {
-            continue;
-        };
-        let n = opened as usize;
-        let from = sources[n % sources.len()];
-        let how = STALLS[(n / sources.len()) % STALLS.len()];
-        let hello = hello.clone();
-        tasks.spawn(async move {
-            stall(from, to, how, hello).await;
-            drop(slot);
-        });
-        opened += 1;
-        while tasks.try_join_next().is_some() {}
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    opened // dropping `tasks` aborts them: every attacker socket closes
-}
-
-/// What one flood round measured.
-struct FloodRound {
-    opened: u64,
-    peak_handshaking: usize,
-    peak_waiting: usize,
-    max_fds: usize,
-    median: Duration,
-    max: Duration,
-}
-
-/// Floods the listener with `HELD` stalled sockets from `sources` while a
-/// trusted peer dials `dials` times; checks every dial and the bounds.
+/// Floods the listener with 200 stalled sockets from `sources` while a
+/// trusted peer dials `dials` times; checks every dial, the bounds, and
+/// that the file descriptors and the listener's service come back.
 async fn flood_round(
     listener: &Arc<Listener>,
     scfg: &NetConfig,
@@ -852,96 +657,29 @@ async fn flood_round(
     sources: Vec<[u8; 4]>,
     dials: u64,
 ) -> FloodRound {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    const HELD: usize = 200;
-    let to = listener.local_addr();
-    let addr = to.to_string();
-    let baseline = open_fds();
-    let stop = Arc::new(AtomicBool::new(false));
-    let hello = Arc::new(client_hello(client));
-    let attackers = tokio::spawn(flood(to, sources, HELD, hello, stop.clone()));
-    eventually("the flood fills the listener", || {
-        let s = listener.stats();
-        s.handshaking == scfg.max_handshaking && s.waiting == scfg.max_waiting
-    })
-    .await;
-
-    let sampling = Arc::new(AtomicBool::new(true));
-    let max_fds = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let (listener, sampling, max_fds) = (listener.clone(), sampling.clone(), max_fds.clone());
-        tokio::spawn(async move {
-            let (mut handshaking, mut waiting) = (0, 0);
-            while sampling.load(Ordering::Relaxed) {
-                let s = listener.stats();
-                handshaking = s.handshaking.max(handshaking);
-                waiting = s.waiting.max(waiting);
-                max_fds.fetch_max(open_fds(), Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            (handshaking, waiting)
-        })
+    let plan = FloodPlan {
+        sources: sources.into_iter().map(IpAddr::from).collect(),
+        held: 200,
+        stalls: &STALLS,
+        stranger: None,
+        dials,
+        dial_within: Duration::from_secs(2),
+        spread_ms: 100,
     };
-
-    let authenticated = listener.stats().authenticated;
-    let mut latencies = Vec::new();
-    for i in 0..dials {
-        let t = Instant::now();
-        let (c, s) = tokio::join!(dial(&addr, client), async {
-            tokio::time::timeout(Duration::from_secs(15), listener.accept()).await
-        });
-        let took = t.elapsed();
-        let mut c = c.unwrap_or_else(|e| panic!("dial {i} failed after {took:?}: {e:?}"));
-        let mut s = s.expect("accept timed out").unwrap();
-        exchange(&mut c, &mut s).await;
-        assert!(took < Duration::from_secs(2), "dial {i} took {took:?}");
-        latencies.push(took);
-        // Spread the dials over the flood, at varied phases of `handshake_grace`.
-        tokio::time::sleep(Duration::from_millis(50 + i * 37 % 100)).await;
-    }
-    let during = listener.stats();
-    sampling.store(false, Ordering::Relaxed);
-    let (peak_handshaking, peak_waiting) = sampler.await.unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let opened = attackers.await.unwrap();
-
-    // Bounded while it lasted.
-    assert!(peak_handshaking <= scfg.max_handshaking);
-    assert!(peak_waiting <= scfg.max_waiting);
-    assert!(during.peak_handshaking_per_ip <= scfg.max_handshaking_per_ip);
-    let cap = scfg.max_waiting + scfg.max_connections + scfg.max_handshaking;
-    assert!(during.peak_open <= cap, "{} > {cap}", during.peak_open);
-    let max_fds = max_fds.load(Ordering::Relaxed);
-    // The attackers' and the trusted client's sockets live in this process too.
-    assert!(
-        max_fds <= baseline + HELD + cap + 16,
-        "{max_fds} fds (baseline {baseline})"
-    );
-    assert!(during.evicted > 0 && during.shed > 0, "{during:?}");
-    assert_eq!(during.authenticated - authenticated, dials);
-
-    // Back to baseline once the attackers leave.
-    eventually("the listener drains", || {
-        let s = listener.stats();
-        s.waiting == 0 && s.handshaking == 0 && s.connections == 0
+    let round = crate::test_support::flood_round(listener, scfg, client, plan).await;
+    let per_ip = round.during.peak_handshaking_per_ip;
+    assert!(per_ip <= scfg.max_handshaking_per_ip, "{per_ip}");
+    eventually("fds return to baseline", || {
+        open_fds() <= round.baseline + 4
     })
     .await;
-    eventually("fds return to baseline", || open_fds() <= baseline + 4).await;
     still_serving(scfg, listener).await;
-
-    latencies.sort();
-    FloodRound {
-        opened,
-        peak_handshaking,
-        peak_waiting,
-        max_fds: max_fds - baseline,
-        median: latencies[latencies.len() / 2],
-        max: latencies[latencies.len() - 1],
-    }
+    round
 }
 
 impl std::fmt::Display for FloodRound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let latencies = &self.latencies;
         write!(
             f,
             "{} attacker sockets opened; peak handshaking {}, waiting {}; \
@@ -950,8 +688,8 @@ impl std::fmt::Display for FloodRound {
             self.peak_handshaking,
             self.peak_waiting,
             self.max_fds,
-            self.median,
-            self.max
+            latencies[latencies.len() / 2],
+            latencies[latencies.len() - 1]
         )
     }
 }
@@ -961,12 +699,7 @@ impl std::fmt::Display for FloodRound {
 async fn handshake_flood_cannot_starve_a_trusted_peer() {
     // Default limits and timeouts: a starved dial would wait out `handshake_timeout`.
     let mut scfg = config(LibraryId::new_v7(), "server");
-    let defaults = NetConfig::new(
-        scfg.identity.clone(),
-        scfg.trust.clone(),
-        scfg.library,
-        String::new(),
-    );
+    let defaults = defaults_of(&scfg);
     scfg.handshake_timeout = defaults.handshake_timeout;
     let mut client = good_client(&scfg);
     client.handshake_timeout = defaults.handshake_timeout;
