@@ -73,16 +73,7 @@ async fn check_local_locations(
     for c in changes {
         match c {
             LocalChange::Location(l) => {
-                if l.owner != owner {
-                    return Err(StorageError::ForeignOwner {
-                        owner,
-                        detail: format!(
-                            "location {} belongs to {}",
-                            l.id.fmt_short(),
-                            l.owner.fmt_short()
-                        ),
-                    });
-                }
+                location_of(owner, l)?;
                 own.insert(l.id);
                 wanted.insert(l.id);
             }
@@ -295,6 +286,21 @@ impl Store {
     }
 }
 
+/// A location record must belong to the owner writing it.
+fn location_of(owner: DeviceId, l: &Location) -> Result<()> {
+    if l.owner == owner {
+        return Ok(());
+    }
+    Err(StorageError::ForeignOwner {
+        owner,
+        detail: format!(
+            "location {} belongs to {}",
+            l.id.fmt_short(),
+            l.owner.fmt_short()
+        ),
+    })
+}
+
 /// Checks every record of a batch of `owner` covering `(after, last]`: its
 /// seq inside the range, every location owned by `owner`; returns the
 /// locations and entries sorted by id (b-tree locality). Shared by received
@@ -314,16 +320,7 @@ pub(crate) fn split_records(
         }
         match r {
             Record::Location(l) => {
-                if l.owner != owner {
-                    return Err(StorageError::ForeignOwner {
-                        owner,
-                        detail: format!(
-                            "location {} belongs to {}",
-                            l.id.fmt_short(),
-                            l.owner.fmt_short()
-                        ),
-                    });
-                }
+                location_of(owner, l)?;
                 locs.push(l);
             }
             Record::Entry(e) => ents.push(e),
