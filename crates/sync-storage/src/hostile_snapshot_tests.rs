@@ -570,3 +570,64 @@ async fn library_snapshot_and_download_files_are_owner_only() {
     assert_eq!(mode(again.path()), 0o600);
     assert_eq!(mode(&data), 0o700);
 }
+
+/// Found by attacking the import: SQLite parses a file's whole schema when
+/// it opens it, before any statement (and so any deadline) of ours runs,
+/// and one extra table declaring N `UNIQUE(c COLLATE xN)` constraints makes
+/// that parse quadratic (36,000 took 11 s, 120,000 several minutes). The
+/// schema is now read from the first page's bytes: a schema that does not
+/// fit there (here its row spills to overflow pages) is refused before
+/// SQLite opens the file.
+#[tokio::test]
+async fn a_schema_that_is_slow_to_parse_is_refused_before_sqlite_parses_it() {
+    let s = scene().await;
+    let uniques: Vec<String> = (0..60_000)
+        .map(|i| format!("UNIQUE(c0 COLLATE x{i})"))
+        .collect();
+    let sql = format!(
+        "PRAGMA writable_schema = ON;
+         INSERT INTO sqlite_master VALUES ('table', 'z', 'z',
+           (SELECT rootpage FROM sqlite_master WHERE name = 'manifest'),
+           'CREATE TABLE z(c0, {})');",
+        uniques.join(", ")
+    );
+    let file = s.rewrite("slow-parse.db", &sql).await;
+    let started = Instant::now();
+    let e = s.refused(&file, s.m.entries).await;
+    assert!(is_schema(&e), "{e:?}");
+    assert!(e.to_string().contains("schema page"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused after {:?}",
+        started.elapsed()
+    );
+}
+
+/// Found by attacking the import: a location name that is not UTF-8 was
+/// reported as this library's own database error (`Storage`), not the
+/// file's fault.
+#[tokio::test]
+async fn snapshot_text_that_is_not_utf8_is_the_files_fault() {
+    let s = scene().await;
+    let file = s
+        .rewrite(
+            "bad-utf8.db",
+            "UPDATE location SET name = CAST(x'ff' AS TEXT);",
+        )
+        .await;
+    let e = s.refused(&file, s.m.entries).await;
+    assert!(matches!(e, StorageError::BadSnapshot(_)), "{e:?}");
+}
+
+/// A genuine export's schema sits on its first page and reads back, from
+/// the bytes, as exactly the snapshot schema.
+#[tokio::test]
+async fn a_genuine_snapshot_schema_reads_from_its_first_page() {
+    let s = scene().await;
+    let bytes = std::fs::read(&s.m.path).unwrap();
+    let rows = crate::schema_page::schema_rows(&bytes).unwrap();
+    // Three WITHOUT ROWID tables: their primary keys are the tables, no
+    // autoindex rows.
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().any(|r| r.1 == "entry" && r.0 == "table"));
+}

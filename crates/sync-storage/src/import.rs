@@ -45,6 +45,7 @@ use crate::error::{Result, StorageError};
 use crate::migration::{SNAPSHOT_FORMAT, SNAPSHOT_SCHEMA};
 use crate::read::{PACK_PAGE, SNAPSHOT_ENTRY_PACK, unpack_page};
 use crate::rows::{i2u, id16, u2i};
+use crate::schema_page::{self, MasterRow};
 use crate::snapshot::{SQLITE_MAGIC, SnapshotDownload};
 use crate::types::SnapshotOfferInfo;
 use crate::write::{split_records, write_records};
@@ -62,13 +63,13 @@ const DEADLINE_BASE: Duration = Duration::from_secs(10);
 /// Bytes of snapshot file per extra second of deadline (a 1M-entry
 /// snapshot of ~110 MB gets ~24 s; its checks and copy take ~2 s).
 const DEADLINE_BYTES_PER_SEC: u64 = 8 << 20;
-/// Location rows per streamed page.
-const LOCATION_PAGE: i64 = 1_000;
+/// Location rows per streamed page (a path may be 64 KiB: ~1 MiB a page).
+const LOCATION_PAGE: i64 = 16;
 /// Pages read ahead of the writer.
 const READ_AHEAD: usize = 2;
 
-/// One row of `sqlite_master`: type, name, tbl_name, sql.
-type MasterRow = (String, String, String, Option<String>);
+/// The start of a download kept for the schema check: a page at most.
+const HEAD_BYTES: usize = 65_536;
 
 /// The deadline of every statement run on a snapshot file of `bytes` bytes.
 pub(crate) fn deadline_for(bytes: u64) -> Duration {
@@ -147,10 +148,11 @@ impl Store {
         let started = Instant::now();
         let deadline = started + deadline_for(offer.bytes);
         let (from, to, o) = (part.to_path_buf(), private.to_path_buf(), *offer);
-        tokio::task::spawn_blocking(move || copy_verified(&from, &to, &o))
+        let head = tokio::task::spawn_blocking(move || copy_verified(&from, &to, &o))
             .await
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))?
             .map_err(|e| e.disk_full_at(private))?;
+        check_first_page(&head).await?;
         let copied = started.elapsed();
         #[cfg(test)]
         self.run_import_hook(part);
@@ -231,7 +233,7 @@ impl Store {
 /// Copies `part` into a new private file `to` (created exclusively, mode
 /// 0600, never through a symlink), hashing the bytes copied, and checks
 /// size, whole-file hash and SQLite header against the offer.
-fn copy_verified(part: &Path, to: &Path, offer: &SnapshotOfferInfo) -> Result<()> {
+fn copy_verified(part: &Path, to: &Path, offer: &SnapshotOfferInfo) -> Result<Vec<u8>> {
     let mut src = OpenOptions::new()
         .read(true)
         // Never open a download through a symlink planted in its place.
@@ -241,17 +243,18 @@ fn copy_verified(part: &Path, to: &Path, offer: &SnapshotOfferInfo) -> Result<()
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut bytes = 0u64;
-    let mut head = [0u8; 16];
+    // The first page (at most 64 KiB): its schema is checked before
+    // SQLite parses it (see `schema_page`).
+    let mut head: Vec<u8> = Vec::with_capacity(HEAD_BYTES);
     loop {
         let n = src.read(&mut buf)?;
         if n == 0 {
             break;
         }
         let piece = &buf[..n];
-        let before = bytes as usize;
-        if before < head.len() {
-            let take = (head.len() - before).min(n);
-            head[before..before + take].copy_from_slice(&piece[..take]);
+        if head.len() < HEAD_BYTES {
+            let take = (HEAD_BYTES - head.len()).min(n);
+            head.extend_from_slice(&piece[..take]);
         }
         hasher.update(piece);
         dst.write_all(piece)?;
@@ -273,13 +276,13 @@ fn copy_verified(part: &Path, to: &Path, offer: &SnapshotOfferInfo) -> Result<()
             expected: offer.hash,
         });
     }
-    if &head != SQLITE_MAGIC {
+    if !head.starts_with(SQLITE_MAGIC) {
         return Err(StorageError::NotSqlite(
             "the file does not start with the SQLite header".into(),
         ));
     }
     dst.flush()?;
-    Ok(())
+    Ok(head)
 }
 
 /// A snapshot error for a failure of SQLite on the untrusted file.
@@ -374,6 +377,34 @@ async fn check_file(
     check_rows(conn, offer, deadline).await
 }
 
+/// The schema as the file's first page holds it, before SQLite parses it:
+/// exactly the snapshot schema, on one page, in UTF-8.
+async fn check_first_page(head: &[u8]) -> Result<()> {
+    let have = schema_page::schema_rows(head)
+        .map_err(|why| StorageError::WrongSchema(format!("schema page: {why}")))?;
+    schema_matches(&have, reference_schema().await?)
+}
+
+/// `have` must be the reference rows, exactly.
+fn schema_matches(have: &[MasterRow], want: &[MasterRow]) -> Result<()> {
+    if have == want {
+        return Ok(());
+    }
+    let list = |rows: &[MasterRow], other: &[MasterRow]| {
+        rows.iter()
+            .filter(|r| !other.contains(r))
+            .map(|(kind, name, _, _)| format!("{kind} `{name}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(StorageError::WrongSchema(format!(
+        "the file's objects differ from the snapshot schema: \
+         unexpected or altered [{}], missing [{}]",
+        list(have, want),
+        list(want, have)
+    )))
+}
+
 /// The file's objects must be exactly the snapshot schema, its text UTF-8.
 async fn check_schema(conn: &mut SqliteConnection, deadline: Instant) -> Result<()> {
     let encoding: String = sqlx::query_scalar("PRAGMA encoding")
@@ -394,26 +425,7 @@ async fn check_schema(conn: &mut SqliteConnection, deadline: Instant) -> Result<
             untrusted_err(e, deadline)
         }
     })?;
-    let want = reference_schema().await?;
-    if have != want {
-        let extra: Vec<String> = have
-            .iter()
-            .filter(|r| !want.contains(r))
-            .map(|(kind, name, _, _)| format!("{kind} `{name}`"))
-            .collect();
-        let missing: Vec<String> = want
-            .iter()
-            .filter(|r| !have.contains(r))
-            .map(|(kind, name, _, _)| format!("{kind} `{name}`"))
-            .collect();
-        return Err(StorageError::WrongSchema(format!(
-            "the file's objects differ from the snapshot schema: \
-             unexpected or altered [{}], missing [{}]",
-            extra.join(", "),
-            missing.join(", ")
-        )));
-    }
-    Ok(())
+    schema_matches(&have, reference_schema().await?)
 }
 
 /// The single manifest row must describe the offer.
@@ -612,13 +624,17 @@ async fn send_pages(
 
 /// A location row of the file (owner checked by [`check_rows`]).
 fn location_row(r: &SqliteRow, owner: DeviceId) -> Result<Location> {
-    let id: Vec<u8> = r.try_get(0).map_err(db_err)?;
+    // A value that does not decode (text that is not UTF-8) is the file's fault.
+    let bad = |e: sqlx::Error| StorageError::BadSnapshot(format!("location row: {e}"));
+    let id: Vec<u8> = r.try_get(0).map_err(bad)?;
     Ok(Location {
-        id: LocationId::from_bytes(id16(&id)?),
+        id: LocationId::from_bytes(
+            id16(&id).map_err(|e| StorageError::BadSnapshot(e.to_string()))?,
+        ),
         owner,
-        path: r.try_get(1).map_err(db_err)?,
-        name: r.try_get(2).map_err(db_err)?,
-        seq: Seq(i2u(r.try_get(3).map_err(db_err)?)),
-        deleted: r.try_get(4).map_err(db_err)?,
+        path: r.try_get(1).map_err(bad)?,
+        name: r.try_get(2).map_err(bad)?,
+        seq: Seq(i2u(r.try_get(3).map_err(bad)?)),
+        deleted: r.try_get(4).map_err(bad)?,
     })
 }

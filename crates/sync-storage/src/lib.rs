@@ -26,6 +26,7 @@ mod migration;
 mod perms;
 mod read;
 mod rows;
+mod schema_page;
 mod snapshot;
 mod types;
 mod write;
