@@ -355,15 +355,37 @@ pub async fn join(
             identity.fingerprint, identity.device_id
         );
     }
-    if let Some(addr) = &invite.address {
+    // Only a checked address is printed inside a command (the parser
+    // checked it too): the user pastes the line into a shell.
+    if let Some(addr) = invite
+        .address
+        .as_deref()
+        .filter(|a| check_address(a).is_ok())
+    {
         let when = if invite.reply {
             "sync with it"
         } else {
             "once it pins this device and serves, sync with it"
         };
-        println!("{when}: lsync --data DIR connect {addr} --until-synced");
+        println!(
+            "{when}: lsync --data {} connect {addr} --until-synced",
+            shell_quote(&data.display().to_string())
+        );
     }
     Ok(())
+}
+
+/// `text` as one shell word: as is when it holds only `[A-Za-z0-9_./-]`,
+/// else in single quotes (a `'` in it written `'\''`).
+fn shell_quote(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./-".contains(&b))
+    {
+        return text.to_string();
+    }
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// `lsync index`.

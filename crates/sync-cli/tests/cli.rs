@@ -754,3 +754,44 @@ fn a_device_key_others_can_read_is_refused_with_the_fix() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     ok(&a, &["id"]);
 }
+
+/// F1: an address with shell metacharacters or invisible Unicode format
+/// characters is refused by `invite --address` and `join --address`, and
+/// the command `join` prints to paste into a shell holds only checked
+/// values, the data directory shell-quoted.
+#[test]
+fn f1_invite_refuses_shell_injection_addresses_and_join_prints_only_checked_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b dir;$(x)");
+    ok(&a, &["init", "--name", "a"]);
+    for bad in [
+        "x;touch${IFS}pwned;:1",
+        "$(id>pwned)x:1",
+        "a`id`|sh&:1",
+        "192.168.1.20\u{202e}0077:7700",
+        "10.0.0.1\u{200b}:7700",
+        "127.0.0.1:7700:1",
+    ] {
+        let e = fails(&a, &["invite", "--address", bad]);
+        assert!(e.contains("HOST:PORT"), "{bad:?}: {e}");
+        assert!(
+            e.chars()
+                .all(|c| c == '\n' || (c.is_ascii() && !c.is_control())),
+            "the refusal shows it escaped: {e:?}"
+        );
+    }
+    let invite = ok(&a, &["invite", "--address", "127.0.0.1:7700"])
+        .trim()
+        .to_string();
+    let e = fails(&b, &["join", &invite, "--address", "a`id`|sh&:1"]);
+    assert!(e.contains("HOST:PORT"), "{e}");
+    let out = ok(&b, &["join", &invite, "--name", "b"]);
+    let quoted = format!("'{}'", b.display());
+    assert!(
+        out.contains(&format!(
+            "lsync --data {quoted} connect 127.0.0.1:7700 --until-synced"
+        )),
+        "{out}"
+    );
+}

@@ -76,6 +76,19 @@ pub enum NetError {
     /// The trust store file could not be read, parsed or written.
     #[error("trust store: {0}")]
     Trust(String),
+    /// The trust store file is larger than any real one: refused unread.
+    #[error(
+        "{path} is {len} bytes, more than the {max} a trust store may hold: \
+         it is not a trust store; remove it or restore it from a backup"
+    )]
+    TrustFileTooLarge {
+        /// The trust store file.
+        path: String,
+        /// Its size (at least), in bytes.
+        len: u64,
+        /// The largest size read.
+        max: u64,
+    },
     /// A pin would bind this device's own id: a device never trusts a
     /// certificate as itself.
     #[error("device {device} is this device: a device never pins its own id")]
@@ -130,6 +143,20 @@ pub enum NetError {
         path: String,
         /// Its permission bits.
         mode: u32,
+    },
+    /// The device key file or the identity directory belongs to another
+    /// user: its owner could read or replace the key.
+    #[error(
+        "{path} is owned by uid {owner}, not by this user (uid {euid}): the device identity must \
+         belong to the user running lsync; fix it with `chown {euid} {path}` (or run lsync as its owner)"
+    )]
+    KeyOwner {
+        /// The key file or identity directory.
+        path: String,
+        /// Its owner's uid.
+        owner: u32,
+        /// The effective uid of this process.
+        euid: u32,
     },
 }
 

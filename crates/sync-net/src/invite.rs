@@ -83,28 +83,99 @@ pub enum ParseInviteError {
     /// A field holds an impossible value.
     #[error("the pairing string is malformed: {0}")]
     Malformed(&'static str),
-    /// The address is not `host:port`.
-    #[error("bad address {0:?} in the pairing string: expected HOST:PORT")]
-    Address(String),
+    /// The address is not `host:port` (see [`check_address`]).
+    #[error(
+        "bad address {address:?}: {reason}; expected HOST:PORT, HOST a DNS name, an IPv4 \
+         address or a bracketed IPv6 address ([::1]), PORT a number from 1 to 65535"
+    )]
+    Address {
+        /// The address refused (shown escaped: it may hold anything).
+        address: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
-/// Checks that `addr` is `host:port` (a port number, a host without spaces
-/// or control characters) and fits an invite.
+/// Checks that `addr` is exactly `host:port`, and fits an invite: `host`
+/// a DNS name (dot-separated labels of `[A-Za-z0-9-]`, none empty, none
+/// starting with `-`, at most 253 characters in all), an IPv4 literal, or
+/// a bracketed IPv6 literal (`[::1]`); `port` a decimal number in
+/// 1..=65535. Everything else is refused: an address is printed inside
+/// commands the user pastes into a shell, so it never holds a character a
+/// shell or a terminal would act on.
 pub fn check_address(addr: &str) -> Result<(), ParseInviteError> {
-    let bad = || ParseInviteError::Address(addr.to_string());
-    if addr.is_empty() || addr.len() > MAX_ADDRESS {
-        return Err(bad());
+    address_problem(addr).map_or(Ok(()), |reason| {
+        Err(ParseInviteError::Address {
+            address: addr.to_string(),
+            reason,
+        })
+    })
+}
+
+/// Why `addr` is not a usable address, if it is not.
+fn address_problem(addr: &str) -> Option<&'static str> {
+    if addr.is_empty() {
+        return Some("it is empty");
     }
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty()
-        || host
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '/')
-        || port.parse::<u16>().map_or(true, |p| p == 0)
+    if addr.len() > MAX_ADDRESS {
+        return Some("it is too long");
+    }
+    let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+        let Some((inner, port)) = rest.split_once("]:") else {
+            return Some("an IPv6 address is written [ADDRESS]:PORT");
+        };
+        if inner.parse::<std::net::Ipv6Addr>().is_err() {
+            return Some("the part in brackets is not an IPv6 address");
+        }
+        (None, port)
+    } else {
+        let Some((host, port)) = addr.split_once(':') else {
+            return Some("it has no port");
+        };
+        (Some(host), port)
+    };
+    if let Some(problem) = host.and_then(host_problem) {
+        return Some(problem);
+    }
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Some("the port is not a decimal number");
+    }
+    match port.parse::<u32>() {
+        Ok(1..=65535) => None,
+        _ => Some("the port is not in 1..=65535"),
+    }
+}
+
+/// Why `host` (no brackets, no port) is neither an IPv4 literal nor a DNS
+/// name, if it is not.
+fn host_problem(host: &str) -> Option<&'static str> {
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return None;
+    }
+    if host.is_empty() {
+        return Some("it has no host");
+    }
+    if host.len() > 253 {
+        return Some("the host name is longer than 253 characters");
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
     {
-        return Err(bad());
+        return Some(
+            "the host holds a character other than letters, digits, `.` and `-` \
+             (an IPv6 address is written in brackets: [ADDRESS]:PORT)",
+        );
     }
-    Ok(())
+    for label in host.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Some("a host name label is empty or longer than 63 characters");
+        }
+        if label.starts_with('-') {
+            return Some("a host name label starts with `-`");
+        }
+    }
+    None
 }
 
 fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
@@ -390,5 +461,90 @@ mod tests {
         ] {
             assert!(check_address(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// F1: an address is printed inside shell commands (`lsync --data DIR
+    /// connect ADDRESS`); one carrying shell metacharacters or invisible
+    /// Unicode format characters is refused when making an invite and when
+    /// reading one.
+    #[test]
+    fn f1_address_with_shell_metacharacters_or_format_characters_is_refused() {
+        let hostile = [
+            "x;touch${IFS}pwned;:1",
+            "$(id>pwned)x:1",
+            "a`id`|sh&:1",
+            "192.168.1.20\u{202e}0077:7700",
+            "10.0.0.1\u{200b}:7700",
+            "127.0.0.1:7700:1",
+            "host:+1",
+            "host: 1",
+            "-rf:1",
+            "a..b:1",
+            "[::1]x:1",
+            "[::1]",
+            "[nope]:1",
+            "[::1%eth0]:1",
+            "::1:7700",
+            "\u{feff}host:1",
+            "host\n:1",
+            "'a':1",
+            "\"a\":1",
+            "a\\b:1",
+            "a*:1",
+            "~:1",
+        ];
+        for bad in hostile {
+            let e = check_address(bad).expect_err(bad);
+            let msg = e.to_string();
+            assert!(msg.contains("HOST:PORT"), "{msg}");
+            // The refusal shows the address escaped: nothing invisible reaches the terminal.
+            assert!(
+                msg.chars().all(|c| !c.is_control() && c.is_ascii()),
+                "{msg:?}"
+            );
+        }
+        // Reading: a pairing string carrying one (with a valid checksum,
+        // as a forger would write it) is refused, not printed.
+        for bad in hostile {
+            if bad.len() > MAX_ADDRESS {
+                continue;
+            }
+            let inv = sample(None);
+            let mut bytes = inv.to_bytes();
+            bytes.truncate(FIXED_LEN - 1);
+            bytes.push(bad.len() as u8);
+            bytes.extend_from_slice(bad.as_bytes());
+            let sum = checksum(&bytes);
+            bytes.extend_from_slice(&sum);
+            let text = format!("{INVITE_PREFIX}{}", base32_encode(&bytes));
+            let e = text.parse::<Invite>().expect_err(bad);
+            assert!(
+                matches!(&e, ParseInviteError::Address { address, .. } if address == bad),
+                "{bad:?}: {e:?}"
+            );
+        }
+        // Writing: one is never put into a string.
+        for bad in hostile {
+            let back: Invite = sample(Some(bad)).to_string().parse().unwrap();
+            assert_eq!(back.address, None, "{bad:?}");
+        }
+        // Normal addresses round-trip.
+        for ok in [
+            "192.168.1.20:7700",
+            "laptop.local:7700",
+            "[::1]:7700",
+            "[fe80::1:2]:65535",
+            "a-b.example.com:1",
+            "localhost:7700",
+        ] {
+            check_address(ok).expect(ok);
+            let inv = sample(Some(ok));
+            let back: Invite = inv.to_string().parse().unwrap();
+            assert_eq!(back.address.as_deref(), Some(ok));
+        }
+        let long_label = format!("{}:1", "a".repeat(64));
+        assert!(check_address(&long_label).is_err());
+        let long_name = format!("{}:1", vec!["a".repeat(63); 4].join("."));
+        assert!(check_address(&long_name).is_err(), "255 characters > 253");
     }
 }

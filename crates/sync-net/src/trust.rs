@@ -381,25 +381,70 @@ fn stamp(m: &fs::Metadata) -> Stamp {
 }
 
 fn stamp_of(path: &Path) -> Result<FileState, NetError> {
-    match fs::metadata(path) {
+    // The entry itself, never what a symlink there points to.
+    match fs::symlink_metadata(path) {
         Ok(m) => Ok(Some(stamp(&m))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(trust_err(path, "stat", e)),
     }
 }
 
+/// The largest trust store read, in bytes (a real one with thousands of
+/// pins is well under a megabyte).
+const MAX_TRUST_FILE: u64 = 16 * 1024 * 1024;
+
 /// Reads the file's entries as they are (nothing checked but the syntax
-/// and the version) and the version read; absent: no entries.
+/// and the version) and the version read; absent: no entries. The file is
+/// opened with `O_NOFOLLOW | O_NONBLOCK` and must be a regular file of at
+/// most [`MAX_TRUST_FILE`] bytes: a symlink is refused, not followed, and a
+/// FIFO or a device is refused without blocking or reading without end.
 fn read_file(path: &Path) -> Result<(Vec<TrustEntry>, FileState), NetError> {
-    let mut file = match fs::File::open(path) {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(NetError::Trust(format!(
+                "{} is a symbolic link: the trust store is never read through one; \
+                 replace it with the file itself",
+                path.display()
+            )));
+        }
         Err(e) => return Err(trust_err(path, "read", e)),
     };
     let meta = file.metadata().map_err(|e| trust_err(path, "stat", e))?;
+    if !meta.is_file() {
+        return Err(NetError::Trust(format!(
+            "{} is not a regular file (a FIFO, a device or a directory): \
+             the trust store must be a plain file; remove it",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_TRUST_FILE {
+        return Err(NetError::TrustFileTooLarge {
+            path: path.display().to_string(),
+            len: meta.len(),
+            max: MAX_TRUST_FILE,
+        });
+    }
     let seen = Some(stamp(&meta));
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| trust_err(path, "read", e))?;
+    // Bounded even if the file grows while it is read.
+    file.take(MAX_TRUST_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| trust_err(path, "read", e))?;
+    if bytes.len() as u64 > MAX_TRUST_FILE {
+        return Err(NetError::TrustFileTooLarge {
+            path: path.display().to_string(),
+            len: bytes.len() as u64,
+            max: MAX_TRUST_FILE,
+        });
+    }
     let file: TrustFile =
         serde_json::from_slice(&bytes).map_err(|e| trust_err(path, "parse", e))?;
     if file.version != FORMAT_VERSION {
@@ -552,12 +597,34 @@ impl FileLock {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
         }
-        let file = opts
-            .open(&lock_path)
-            .map_err(|e| trust_err(&lock_path, "open", e))?;
+        let file = opts.open(&lock_path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                lock_in_the_way(&lock_path, "a symlink")
+            } else {
+                trust_err(&lock_path, "open", e)
+            }
+        })?;
+        if !file
+            .metadata()
+            .map_err(|e| trust_err(&lock_path, "stat", e))?
+            .is_file()
+        {
+            return Err(lock_in_the_way(&lock_path, "not a regular file"));
+        }
         file.lock().map_err(|e| trust_err(&lock_path, "lock", e))?;
         Ok(FileLock { _file: file })
     }
+}
+
+/// The error for a lock file that cannot be used as one: it says what is
+/// there and how to fix it (nothing is kept in a lock file).
+fn lock_in_the_way(lock_path: &Path, what: &str) -> NetError {
+    NetError::Trust(format!(
+        "{} is {what}, and the trust store's lock file is never followed or used through one: \
+         remove it (`rm {}`; it holds nothing) and try again",
+        lock_path.display(),
+        lock_path.display()
+    ))
 }
 
 #[cfg(test)]
@@ -840,5 +907,112 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         store.trust(fp("b"), DeviceId::new_v7()).unwrap();
         assert_eq!(mode(&path), 0o600);
+    }
+
+    /// F2: a symlink at trust.json is refused, not followed.
+    #[test]
+    fn f2_a_symlinked_trust_json_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("elsewhere.json");
+        let store = TrustStore::load(&real, DeviceId::new_v7()).unwrap();
+        store.trust(fp("a"), DeviceId::new_v7()).unwrap();
+        let path = dir.path().join("trust.json");
+        std::os::unix::fs::symlink(&real, &path).unwrap();
+        let e = TrustStore::load(&path, DeviceId::new_v7()).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("symbolic link"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(TrustStore::load_lenient(&path, DeviceId::new_v7()).is_err());
+    }
+
+    /// F2: a FIFO at trust.json is refused at once, by `load` and by
+    /// `refresh` (the TLS verifier's), instead of blocking forever.
+    #[test]
+    fn f2_a_fifo_at_trust_json_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let me = DeviceId::new_v7();
+        let store = TrustStore::load(&path, me).unwrap();
+        store.trust(fp("a"), DeviceId::new_v7()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (p, s) = (path.clone(), store.clone());
+        std::thread::spawn(move || {
+            let loaded = TrustStore::load(&p, me)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let refreshed = s.refresh().map_err(|e| e.to_string());
+            let _ = tx.send((loaded, refreshed));
+        });
+        let (loaded, refreshed) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading a FIFO at trust.json blocked");
+        let text = loaded.unwrap_err();
+        assert!(text.contains("not a regular file"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        // The refresh keeps the pins in force.
+        assert_eq!(refreshed, Ok(false));
+        assert_eq!(store.entries().len(), 1);
+    }
+
+    /// F2: a file larger than any trust store is refused unread, with a
+    /// typed error naming it.
+    #[test]
+    fn f2_an_oversized_trust_json_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_TRUST_FILE + 1).unwrap();
+        let e = TrustStore::load(&path, DeviceId::new_v7()).unwrap_err();
+        assert!(
+            matches!(&e, NetError::TrustFileTooLarge { path: p, len, max }
+                if *p == path.display().to_string() && *len == MAX_TRUST_FILE + 1 && *max == MAX_TRUST_FILE),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    /// F3: a dangling symlink at trust.json.lock made `untrust` fail with a
+    /// bare ELOOP, so a compromised peer could not be removed; the error
+    /// now says what is there and how to fix it.
+    #[test]
+    fn f3_a_symlinked_lock_file_is_reported_with_how_to_fix_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trust.json");
+        let store = TrustStore::load(&path, DeviceId::new_v7()).unwrap();
+        store.trust(fp("bad"), DeviceId::new_v7()).unwrap();
+        let lock = dir.path().join("trust.json.lock");
+        std::fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &lock).unwrap();
+        let e = store.untrust(&fp("bad")).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, NetError::Trust(_)), "{e:?}");
+        assert!(text.contains("is a symlink"), "{text}");
+        assert!(text.contains(&format!("rm {}", lock.display())), "{text}");
+        assert!(
+            !dir.path().join("nowhere").exists(),
+            "the link was followed"
+        );
+        // Following the advice works.
+        std::fs::remove_file(&lock).unwrap();
+        assert!(store.untrust(&fp("bad")).unwrap());
+        assert!(store.entries().is_empty());
+        // A lock path that is not a regular file is reported the same way.
+        std::fs::remove_file(&lock).unwrap();
+        let status = std::process::Command::new("mkfifo")
+            .arg(&lock)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let text = store
+            .trust(fp("x"), DeviceId::new_v7())
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("remove it"), "{text}");
     }
 }
