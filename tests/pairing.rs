@@ -11,7 +11,8 @@ use sync_core::{ErrorCode, Message, Seq};
 use sync_net::{Invite, NetError, TrustStore, dial};
 
 use crate::harness::{
-    assert_logged, generate, init_tracing, shutdown, spawn_devices, wait_event, wait_for_watermark,
+    assert_logged, connect, generate, init_tracing, shutdown, spawn_devices, wait_event,
+    wait_for_watermark,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -242,5 +243,68 @@ async fn a_megabyte_error_message_from_a_peer_is_logged_truncated() {
     // The warning carries the cut, escaped text and the original length.
     let mark = format!("({} bytes)", huge.len());
     assert_logged(&["peer refused", "MIBMARK\\nFORGED", &mark]).await;
+    shutdown(&devices).await;
+}
+
+/// After `PeerRevoked`, at most the one batch whose commit was already
+/// running lands. (The attack review read that a revoked session was closed
+/// by draining its job, so batches queued before the pin went would still
+/// be written; the job is now aborted instead. In runs here the drain did
+/// not exceed one batch either: the reader stops at once and the queue
+/// holds two frames, so this guards the bound rather than replaying a
+/// failure.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_revocation_at_most_one_batch_of_the_peer_lands() {
+    let devices = spawn_devices(2, |c| {
+        // Batches that take a while to apply, so that the queued ones would
+        // land after the revocation is seen.
+        c.batch_size = 10_000;
+        c.credit_window = 8;
+        c.thresholds.bulk_from = u64::MAX;
+        c.thresholds.snapshot_from = u64::MAX;
+    })
+    .await;
+    let (a, b) = (&devices[0], &devices[1]);
+    let range = generate(a, 300_000, 3).await;
+    let mut b_events = b.engine.subscribe();
+    connect(b, a).await;
+    // Some batches in, many more queued and on the way.
+    wait_event(
+        &mut b_events,
+        WAIT,
+        |e| matches!(e, SyncEvent::Applied { owner, watermark, .. } if *owner == a.id && watermark.seq.0 >= 20_000),
+    )
+    .await;
+    assert!(
+        b.engine
+            .net_config()
+            .trust
+            .untrust(&a.engine.fingerprint())
+            .unwrap()
+    );
+    wait_event(
+        &mut b_events,
+        Duration::from_secs(3),
+        |e| matches!(e, SyncEvent::PeerRevoked { peer, .. } if *peer == a.id),
+    )
+    .await;
+    let at_revoke = b.store().watermark(a.id).await.unwrap().unwrap().seq;
+    wait_event(
+        &mut b_events,
+        Duration::from_secs(5),
+        |e| matches!(e, SyncEvent::PeerDisconnected { peer, .. } if *peer == a.id),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = b.store().watermark(a.id).await.unwrap().unwrap().seq;
+    assert!(
+        after < range.last,
+        "everything arrived: nothing left to drop"
+    );
+    assert!(
+        after.0 - at_revoke.0 <= 10_000,
+        "{} records applied after the revocation (at {at_revoke}, then {after})",
+        after.0 - at_revoke.0
+    );
     shutdown(&devices).await;
 }

@@ -170,6 +170,23 @@ impl Handler<Inbound> for BulkFetchJob {
     }
 }
 
+/// Stop at once: queued frames are dropped unapplied and the work in
+/// progress is cancelled (its transaction rolls back). For a revoked peer,
+/// whose records must not be written once its pin is gone.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Abort;
+
+impl Handler<Abort> for BulkFetchJob {
+    type Result = ();
+    fn handle(&mut self, _: Abort, _: &mut Context<Self>) {
+        self.queue = None;
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
 impl Handler<Drain> for BulkFetchJob {
     type Result = ();
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) {

@@ -14,7 +14,7 @@ use sync_storage::SnapshotOfferInfo;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::bulk_fetch::{BulkFetchJob, Drain, Inbound};
+use crate::bulk_fetch::{Abort, BulkFetchJob, Drain, Inbound};
 use crate::events::SyncEvent;
 use crate::shared::SharedRef;
 use crate::snapshot_exporter::{ServeChunks, SnapshotExporter};
@@ -44,8 +44,8 @@ pub(crate) struct CloseSession {
     pub cause: Option<String>,
 }
 
-/// The peer's pin was removed: stop reading now (the supervisor already
-/// aborted the writer), then close.
+/// The peer's pin was removed: stop reading now, drop what it queued
+/// unapplied (the writer is aborted too), then close.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct RevokeSession {
@@ -226,6 +226,11 @@ impl Handler<RevokeSession> for PeerSession {
     type Result = ();
     fn handle(&mut self, msg: RevokeSession, ctx: &mut Context<Self>) {
         self.writer.abort();
+        // Nothing more of a revoked peer is written: frames it queued before
+        // the pin went are dropped, not drained (found by the attack review).
+        if let Some(job) = &self.job {
+            job.do_send(Abort);
+        }
         // The cause replaces any earlier one: this is why the session ends.
         self.cause = Some(msg.cause.clone());
         self.begin_close(Some(msg.cause), ctx);
