@@ -10,17 +10,20 @@
 //! 1. copies the download into a private file while hashing it (size,
 //!    whole-file SHA-256 and the SQLite header are checked on the bytes
 //!    actually copied: nothing can change them between check and use);
-//! 2. opens the copy on its own read-only, immutable connection with
+//! 2. reads the schema from the copy's first page as bytes ([`schema_page`])
+//!    before SQLite opens the file: SQLite parses a whole schema at open,
+//!    before any deadline can run, and a parse can be made quadratic;
+//! 3. opens the copy on its own read-only, immutable connection with
 //!    `trusted_schema=OFF`, `cell_size_check=ON`, `query_only=ON` and a
 //!    progress handler that interrupts any statement past a deadline
 //!    (scaled with the file's size), so no query on the file runs unbounded;
-//! 3. requires `sqlite_master` to be exactly the snapshot schema (type,
+//! 4. requires `sqlite_master` (as SQLite sees it) to be exactly the snapshot schema (type,
 //!    name, table and SQL text of every object, compared with the schema
 //!    built by this version: no views, triggers, virtual tables, extra
 //!    indexes or tables), UTF-8 text, and a clean `PRAGMA quick_check`;
-//! 4. checks the manifest row against the offer and every row's owner,
+//! 5. checks the manifest row against the offer and every row's owner,
 //!    types, seq range and name lengths;
-//! 5. streams the rows, in pages, from that same checked connection into
+//! 6. streams the rows, in pages, from that same checked connection into
 //!    the apply path batches use ([`split_records`], [`write_records`]):
 //!    every record written under the offer's owner only, every entry in a
 //!    location of that owner, "higher seq wins", all in ONE writer
