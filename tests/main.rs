@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod chaos;
+mod correctness;
 mod crash;
 mod disk_full;
 mod faults;

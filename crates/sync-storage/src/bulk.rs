@@ -291,6 +291,27 @@ pub(crate) async fn location_owners(
     Ok(out)
 }
 
+/// The first of `ids` that holds an entry of an owner other than `owner`
+/// (an entry that arrived before its location, from someone else).
+pub(crate) async fn foreign_entry_location(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    ids: &[LocationId],
+) -> Result<Option<LocationId>> {
+    for id in ids {
+        let found = sqlx::query("SELECT 1 FROM entry WHERE location = ? AND owner != ? LIMIT 1")
+            .bind(id_arg(id.to_bytes()))
+            .bind(id_arg(owner.to_bytes()))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        if found.is_some() {
+            return Ok(Some(*id));
+        }
+    }
+    Ok(None)
+}
+
 /// The `owner_state` row of `owner`, if any.
 pub(crate) async fn owner_state(
     conn: &mut SqliteConnection,

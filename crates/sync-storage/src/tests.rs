@@ -302,18 +302,6 @@ async fn refusals_leave_the_library_unchanged() {
         .await
         .unwrap_err();
     assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
-    // An entry in a location nobody holds.
-    let e = s
-        .apply_batch(
-            owner,
-            idx,
-            Seq(101),
-            Seq(102),
-            vec![Record::Entry(entry(LocationId::new_v7(), 1, 102))],
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
     // Seq outside (after, last].
     let e = s
         .apply_batch(
@@ -1451,4 +1439,77 @@ async fn a_snapshot_with_a_non_utf8_declared_type_is_refused() {
     let got = offer_file(&b, &bad, me, m.index_id, m.max_seq, m.entries).await;
     assert!(matches!(got, Err(StorageError::WrongSchema(_))), "{got:?}");
     assert_eq!(state(&b).await, before);
+}
+
+/// Records apply in any seq order: an entry may arrive before its location
+/// (a renamed location has a newer seq than its entries), but never in a
+/// location of another owner, and a location is refused once another
+/// owner's entries lie in it.
+#[tokio::test]
+async fn entries_may_arrive_before_their_location_but_never_cross_owners() {
+    let dir = TempDir::new().unwrap();
+    let (s, _) = device(&dir, "s").await;
+    let (o1, o2) = (DeviceId::new_v7(), DeviceId::new_v7());
+    let later = location(o1, 3);
+    // o1's entries first, its location after: both apply.
+    s.apply_batch(
+        o1,
+        IndexId(1),
+        Seq(0),
+        Seq(2),
+        vec![
+            Record::Entry(entry(later.id, 1, 1)),
+            Record::Entry(entry(later.id, 2, 2)),
+        ],
+    )
+    .await
+    .unwrap();
+    s.apply_batch(
+        o1,
+        IndexId(1),
+        Seq(2),
+        Seq(3),
+        vec![Record::Location(later.clone())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.location_entries(later.id).await.unwrap().len(), 2);
+    // o2 cannot put an entry in o1's location...
+    let e = s
+        .apply_batch(
+            o2,
+            IndexId(2),
+            Seq(0),
+            Seq(1),
+            vec![Record::Entry(entry(later.id, 3, 1))],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
+    // ...nor claim a location in which o1's early entries already lie.
+    let unknown = LocationId::new_v7();
+    s.apply_batch(
+        o1,
+        IndexId(1),
+        Seq(3),
+        Seq(4),
+        vec![Record::Entry(entry(unknown, 4, 4))],
+    )
+    .await
+    .unwrap();
+    let mut claimed = location(o2, 1);
+    claimed.id = unknown;
+    let before = state(&s).await;
+    let e = s
+        .apply_batch(
+            o2,
+            IndexId(2),
+            Seq(0),
+            Seq(1),
+            vec![Record::Location(claimed)],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
+    assert_eq!(state(&s).await, before);
 }

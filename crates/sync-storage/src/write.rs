@@ -83,7 +83,9 @@ async fn check_local_locations(
             _ => {}
         }
     }
-    check_location_owners(conn, owner, &own, wanted).await
+    check_location_owners(conn, owner, Some(&own), wanted)
+        .await
+        .map(|_| ())
 }
 
 /// One transaction of `commit_local`: returns the last seq stamped.
@@ -331,10 +333,11 @@ pub(crate) fn split_records(
     Ok((locs, ents))
 }
 
-/// Writes checked records of `owner` inside the caller's transaction: every
-/// entry must land in a location of `owner` (stored, or in `locs`), no
-/// location may be stored under another owner, then the "higher seq wins,
-/// same owner only" upserts. The one write path of remote records.
+/// Writes checked records of `owner` inside the caller's transaction: no
+/// entry may land in a location stored under another owner, no location
+/// may be stored under another owner or be referenced by another owner's
+/// entries, then the "higher seq wins, same owner only" upserts. The one
+/// write path of remote records.
 pub(crate) async fn write_records(
     conn: &mut SqliteConnection,
     owner: DeviceId,
@@ -346,8 +349,13 @@ pub(crate) async fn write_records(
     upsert_entries(conn, owner, ents).await
 }
 
-/// Every location of the batch must not be stored under another owner, and
-/// every entry's location must be a location of `owner` (in the batch or stored).
+/// Every location of the batch, and every entry's location, must not be
+/// stored under another owner. An entry's location may be unknown yet:
+/// records apply in any seq order (a renamed location has a newer seq than
+/// its entries, so a new peer's first page holds entries of a location it
+/// has not seen), and the watermark cannot pass the location before it
+/// arrives. A location stored for the first time must not be referenced by
+/// another owner's entries, so no entry ever lies in another owner's location.
 async fn check_batch_locations(
     conn: &mut SqliteConnection,
     owner: DeviceId,
@@ -357,31 +365,45 @@ async fn check_batch_locations(
     let in_batch: HashSet<LocationId> = locs.iter().map(|l| l.id).collect();
     let mut wanted: HashSet<LocationId> = in_batch.clone();
     wanted.extend(ents.iter().map(|e| e.location));
-    check_location_owners(conn, owner, &in_batch, wanted).await
+    let stored = check_location_owners(conn, owner, None, wanted).await?;
+    let new: Vec<LocationId> = in_batch
+        .into_iter()
+        .filter(|id| !stored.contains_key(id))
+        .collect();
+    if let Some(id) = bulk::foreign_entry_location(conn, owner, &new).await? {
+        return Err(StorageError::ForeignOwner {
+            owner,
+            detail: format!(
+                "location {} already holds entries of another owner",
+                id.fmt_short()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Checks the stored owners of `wanted` locations: none may belong to
-/// another owner, and one not stored at all must be among `declared` (the
-/// locations written by the same change). Shared by local commits and
-/// received batches.
+/// another owner. With `declared` (local commits), one not stored at all
+/// must be among them (the locations written by the same change); without
+/// (received records), it may be unknown yet. Returns the stored owners.
 async fn check_location_owners(
     conn: &mut SqliteConnection,
     owner: DeviceId,
-    declared: &HashSet<LocationId>,
+    declared: Option<&HashSet<LocationId>>,
     wanted: HashSet<LocationId>,
-) -> Result<()> {
+) -> Result<HashMap<LocationId, DeviceId>> {
     let ids: Vec<LocationId> = wanted.into_iter().collect();
     let stored: HashMap<LocationId, DeviceId> =
         location_owners(conn, &ids).await?.into_iter().collect();
     for id in ids {
-        match stored.get(&id) {
-            Some(o) if *o != owner => {
+        match (stored.get(&id), declared) {
+            (Some(o), _) if *o != owner => {
                 return Err(StorageError::ForeignOwner {
                     owner,
                     detail: format!("location {} belongs to {}", id.fmt_short(), o.fmt_short()),
                 });
             }
-            None if !declared.contains(&id) => {
+            (None, Some(declared)) if !declared.contains(&id) => {
                 return Err(StorageError::ForeignOwner {
                     owner,
                     detail: format!(
@@ -393,5 +415,5 @@ async fn check_location_owners(
             _ => {}
         }
     }
-    Ok(())
+    Ok(stored)
 }
