@@ -24,6 +24,10 @@ pub struct EngineConfig {
     pub backoff_base: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// After a transfer is given up, how long until it is tried again
+    /// (default 60 s): an idle owner commits nothing that would replan it,
+    /// and what made it fail (a full disk, a peer's bug) may be gone.
+    pub retry_after_giving_up: Duration,
     /// Fault injection for tests.
     pub faults: Faults,
 }
@@ -46,6 +50,7 @@ impl EngineConfig {
             max_attempts: 8,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            retry_after_giving_up: Duration::from_secs(60),
             faults: Faults::default(),
         }
     }

@@ -3,7 +3,9 @@
 //! every commit, starts transfers, watches them — including panics, which
 //! actix's own `Supervisor` does not see — and restarts a failed transfer
 //! from the peer's last acknowledged batch with exponential backoff, giving
-//! up after `max_attempts` with a clear event. A lost link is resumed by the
+//! up after `max_attempts` with a clear event (and planning it afresh after
+//! `retry_after_giving_up`, since an idle owner commits nothing that would
+//! replan it). A lost link is resumed by the
 //! next session, from the watermark the peer reports.
 
 use std::collections::HashMap;
@@ -551,6 +553,15 @@ impl TransferSupervisor {
             });
         } else {
             Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Failed);
+            // Given up, not forgotten: plan it afresh later, while this
+            // session lives (a new session plans at once anyway).
+            let later = self.shared.config.retry_after_giving_up;
+            ctx.run_later(later, move |act, ctx| {
+                if act.session_state(peer, generation).is_some() {
+                    info!(peer = %peer.fmt_short(), "trying a given-up transfer again");
+                    act.pump(peer, ctx);
+                }
+            });
         }
     }
 }
