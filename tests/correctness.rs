@@ -63,3 +63,50 @@ async fn a_renamed_location_reaches_a_new_peer_as_individual_changes() {
 async fn a_renamed_location_reaches_a_new_peer_in_batches() {
     renamed_location_reaches_a_new_peer(15_000).await;
 }
+
+/// Deleting a location left its entries live (readers listed files of a
+/// folder the owner had dropped). It now tombstones them, each under a seq
+/// of its own; re-creating the location afterwards reaches a peer that
+/// saw the delete and one that never did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_location_tombstones_its_entries_and_undeleting_reaches_every_peer() {
+    let devices = spawn_devices(3, |_| {}).await;
+    let (a, b, c) = (&devices[0], &devices[1], &devices[2]);
+    let records = synthetic_records(a.id, 40, 9, Seq(1));
+    let mut location = None;
+    let mut changes = Vec::new();
+    for r in records {
+        match r {
+            sync_core::Record::Location(l) => {
+                location = Some(l.clone());
+                changes.push(LocalChange::Location(l));
+            }
+            sync_core::Record::Entry(e) => changes.push(LocalChange::Entry(e)),
+        }
+    }
+    let location = location.expect("a location");
+    let entries: Vec<LocalChange> = changes[1..].to_vec();
+    a.engine.commit(changes).await.expect("commit");
+    connect(b, a).await;
+    let deleted = a
+        .engine
+        .commit(vec![LocalChange::DeleteLocation(location.id)])
+        .await
+        .expect("delete")
+        .last;
+    wait_for_watermark(b, a.id, deleted, WAIT).await;
+    let held = assert_converged(a, b).await;
+    assert_eq!((held.entries, held.tombstones), (0, 40));
+    // Indexed again: the location and its entries come back.
+    let mut back = vec![LocalChange::Location(location)];
+    back.extend(entries);
+    let last = a.engine.commit(back).await.expect("undelete").last;
+    wait_for_watermark(b, a.id, last, WAIT).await;
+    connect(c, a).await;
+    wait_for_watermark(c, a.id, last, WAIT).await;
+    for peer in [b, c] {
+        let held = assert_converged(a, peer).await;
+        assert_eq!(held.entries, 40);
+    }
+    shutdown(&devices).await;
+}

@@ -291,6 +291,28 @@ pub(crate) async fn location_owners(
     Ok(out)
 }
 
+/// Ids of the live entries of `owner` in `location`, in id order.
+pub(crate) async fn live_entries_of(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    location: LocationId,
+) -> Result<Vec<[u8; 16]>> {
+    let rows = sqlx::query(
+        "SELECT id FROM entry WHERE location = ? AND owner = ? AND deleted = 0 ORDER BY id",
+    )
+    .bind(id_arg(location.to_bytes()))
+    .bind(id_arg(owner.to_bytes()))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    rows.iter()
+        .map(|r| {
+            let id: Vec<u8> = r.try_get(0).map_err(db_err)?;
+            id16(&id)
+        })
+        .collect()
+}
+
 /// The first of `ids` that holds an entry of an owner other than `owner`
 /// (an entry that arrived before its location, from someone else).
 pub(crate) async fn foreign_entry_location(

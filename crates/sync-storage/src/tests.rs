@@ -451,7 +451,10 @@ async fn device_lifecycle_and_local_commits() {
     assert!(first.deleted);
     assert_eq!(first.name, "IMG_000000.jpg");
 
-    // An update re-stamps; deleting a location does not cascade.
+    // An update re-stamps; deleting a location tombstones its live entries,
+    // each under a seq of its own (the updated one too: it ends deleted).
+    let live = s.summary(me).await.unwrap().entries;
+    assert_eq!(live, 25_000 - 26);
     let mut e = rows[5].clone();
     e.name = "new-name".into();
     let r2 = s
@@ -464,12 +467,27 @@ async fn device_lifecycle_and_local_commits() {
         )
         .await
         .unwrap();
-    assert_eq!((r2.first, r2.last), (Seq(n + 1), Seq(n + 2)));
-    let tail = s.records_after(me, Seq(n), 10).await.unwrap();
-    assert_eq!(tail.len(), 2);
-    assert!(matches!(&tail[0], Record::Entry(x) if x.name == "new-name" && x.seq == Seq(n + 1)));
-    assert!(matches!(&tail[1], Record::Location(l) if l.deleted && l.seq == Seq(n + 2)));
-    assert_eq!(s.summary(me).await.unwrap().entries, 25_000 - 26);
+    assert_eq!((r2.first, r2.last), (Seq(n + 1), Seq(n + 2 + live)));
+    let tail = s.records_after(me, Seq(n), 100_000).await.unwrap();
+    assert_eq!(
+        tail.len() as u64,
+        1 + live,
+        "the location and every live entry"
+    );
+    assert!(
+        tail.iter()
+            .any(|r| matches!(r, Record::Location(l) if l.deleted && l.seq == Seq(n + 2)))
+    );
+    assert!(
+        tail.iter()
+            .any(|r| matches!(r, Record::Entry(x) if x.name == "new-name" && x.deleted))
+    );
+    assert!(
+        tail.iter().all(|r| r.deleted()),
+        "nothing of the location stays live"
+    );
+    let summary = s.summary(me).await.unwrap();
+    assert_eq!((summary.entries, summary.tombstones), (0, 25_000));
     let empty = s.commit_local(me, vec![]).await.unwrap();
     assert!(empty.is_empty());
 
@@ -477,7 +495,7 @@ async fn device_lifecycle_and_local_commits() {
     s.close().await;
     let s2 = open(&dir, "s").await;
     assert_eq!(s2.device().await.unwrap(), Some(d));
-    assert_eq!(s2.summary(me).await.unwrap().seq, Seq(n + 2));
+    assert_eq!(s2.summary(me).await.unwrap().seq, Seq(n + 2 + live));
 }
 
 #[tokio::test]

@@ -53,7 +53,8 @@ pub enum LocalChange {
     Entry(Entry),
     /// Tombstone an entry in place (other fields kept).
     DeleteEntry(EntryId),
-    /// Tombstone a location in place. Does not cascade to its entries.
+    /// Tombstone a location in place, and each of its live entries under a
+    /// seq of its own (a location that ends deleted leaves no live entries).
     DeleteLocation(LocationId),
 }
 

@@ -19,8 +19,10 @@ const LOCAL_CHANGES_PER_TX: usize = 10_000;
 
 impl Store {
     /// Commits local changes of this device, stamping each with the next
-    /// seq in order. Bulk: multi-row statements, at most 10K changes per
-    /// transaction (each consistent, the owner's max seq updated with its rows).
+    /// seq in order; a `DeleteLocation` also stamps a tombstone for each live
+    /// entry of the location, so the range may hold more seqs than changes.
+    /// Bulk: multi-row statements, at most 10K changes per transaction (each
+    /// consistent, the owner's max seq updated with its rows).
     pub async fn commit_local(
         &self,
         owner: DeviceId,
@@ -145,6 +147,24 @@ async fn commit_local_tx(
             },
         }
     }
+    // A location that ends deleted takes its live entries with it, each
+    // tombstoned under a seq of its own (readers and peers see them gone).
+    let gone: HashSet<LocationId> = locs
+        .values()
+        .filter(|l| l.deleted)
+        .map(|l| l.id)
+        .chain(del_locs.keys().copied())
+        .collect();
+    let mut cascade: Vec<&mut Entry> = ents
+        .values_mut()
+        .filter(|e| !e.deleted && gone.contains(&e.location))
+        .collect();
+    cascade.sort_unstable_by_key(|e| e.id);
+    for e in cascade {
+        seq = seq.next();
+        e.seq = seq;
+        e.deleted = true;
+    }
     let mut locs: Vec<&Location> = locs.values().collect();
     locs.sort_unstable_by_key(|l| l.id);
     let mut ents: Vec<&Entry> = ents.values().collect();
@@ -161,6 +181,21 @@ async fn commit_local_tx(
     del_ents.sort_unstable();
 
     let mut txn = conn.begin().await.map_err(db_err)?;
+    let written: HashSet<[u8; 16]> = ents
+        .iter()
+        .map(|e| e.id.to_bytes())
+        .chain(del_ents.iter().map(|(id, _)| *id))
+        .collect();
+    let mut gone: Vec<LocationId> = gone.into_iter().collect();
+    gone.sort_unstable();
+    for location in gone {
+        for id in bulk::live_entries_of(&mut txn, owner, location).await? {
+            if !written.contains(&id) {
+                seq = seq.next();
+                del_ents.push((id, seq));
+            }
+        }
+    }
     upsert_locations(&mut txn, owner, &locs).await?;
     upsert_entries(&mut txn, owner, &ents).await?;
     tombstone(&mut txn, "location", owner, &del_locs).await?;
