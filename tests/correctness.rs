@@ -3,11 +3,10 @@
 
 use std::time::Duration;
 
-use sync_core::{Location, Seq};
 use sync_storage::LocalChange;
 
 use crate::harness::{
-    assert_converged, connect, shutdown, spawn_devices, synthetic_records, wait_for_watermark,
+    assert_converged, connect, shutdown, spawn_devices, synthetic_changes, wait_for_watermark,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -26,20 +25,8 @@ async fn renamed_location_reaches_a_new_peer(entries: u64) {
     })
     .await;
     let (a, b) = (&devices[0], &devices[1]);
-    let records = synthetic_records(a.id, entries, 7, Seq(1));
-    let mut changes = Vec::new();
-    let mut location: Option<Location> = None;
-    for r in records {
-        match r {
-            sync_core::Record::Location(l) => {
-                location = Some(l.clone());
-                changes.push(LocalChange::Location(l));
-            }
-            sync_core::Record::Entry(e) => changes.push(LocalChange::Entry(e)),
-        }
-    }
+    let (mut renamed, changes) = synthetic_changes(a.id, entries, 7);
     a.engine.commit(changes).await.expect("commit");
-    let mut renamed = location.expect("a location");
     renamed.name = format!("{} (renamed)", renamed.name);
     renamed.path = format!("{}-renamed", renamed.path);
     let last = a
@@ -72,19 +59,7 @@ async fn a_renamed_location_reaches_a_new_peer_in_batches() {
 async fn deleting_a_location_tombstones_its_entries_and_undeleting_reaches_every_peer() {
     let devices = spawn_devices(3, |_| {}).await;
     let (a, b, c) = (&devices[0], &devices[1], &devices[2]);
-    let records = synthetic_records(a.id, 40, 9, Seq(1));
-    let mut location = None;
-    let mut changes = Vec::new();
-    for r in records {
-        match r {
-            sync_core::Record::Location(l) => {
-                location = Some(l.clone());
-                changes.push(LocalChange::Location(l));
-            }
-            sync_core::Record::Entry(e) => changes.push(LocalChange::Entry(e)),
-        }
-    }
-    let location = location.expect("a location");
+    let (location, changes) = synthetic_changes(a.id, 40, 9);
     let entries: Vec<LocalChange> = changes[1..].to_vec();
     a.engine.commit(changes).await.expect("commit");
     connect(b, a).await;

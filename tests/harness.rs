@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sync_actors::{EngineConfig, SyncEngine, SyncEvent, init_device};
 use sync_core::synthetic::SyntheticTree;
-use sync_core::{DeviceId, LibraryId, Record, Seq};
+use sync_core::{DeviceId, LibraryId, Location, Record, Seq};
 use sync_net::TrustStore;
 use sync_storage::{LocalChange, OwnerSummary, SeqRange, Store};
 use tempfile::TempDir;
@@ -180,11 +180,19 @@ pub fn synthetic_records(owner: DeviceId, entries: u64, seed: u64, first: Seq) -
     records
 }
 
+/// A synthetic location of `owner` and the local changes that create it
+/// and its `entries` entries (the location first).
+pub fn synthetic_changes(owner: DeviceId, entries: u64, seed: u64) -> (Location, Vec<LocalChange>) {
+    let mut tree = SyntheticTree::new(owner, entries, seed);
+    let location = tree.location();
+    let mut changes = vec![LocalChange::Location(location.clone())];
+    changes.extend(tree.by_ref().map(LocalChange::Entry));
+    (location, changes)
+}
+
 /// Commits a synthetic location of `entries` entries on `device`.
 pub async fn generate(device: &Device, entries: u64, seed: u64) -> SeqRange {
-    let mut tree = SyntheticTree::new(device.id, entries, seed);
-    let mut changes = vec![LocalChange::Location(tree.location())];
-    changes.extend(tree.by_ref().map(LocalChange::Entry));
+    let (_, changes) = synthetic_changes(device.id, entries, seed);
     device.engine.commit(changes).await.expect("commit")
 }
 

@@ -17,6 +17,44 @@ use crate::harness::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// `by` removes `peer`'s pin through its engine's own trust store and sees
+/// `PeerRevoked` within `within`.
+async fn revoke(
+    by: &crate::harness::Device,
+    peer: &crate::harness::Device,
+    events: &mut tokio::sync::broadcast::Receiver<SyncEvent>,
+    within: Duration,
+) {
+    assert!(
+        by.engine
+            .net_config()
+            .trust
+            .untrust(&peer.engine.fingerprint())
+            .unwrap()
+    );
+    let id = peer.id;
+    wait_event(
+        events,
+        within,
+        |e| matches!(e, SyncEvent::PeerRevoked { peer, .. } if *peer == id),
+    )
+    .await;
+}
+
+/// Waits (5 s at most) for `peer`'s session to end.
+async fn wait_disconnected(
+    events: &mut tokio::sync::broadcast::Receiver<SyncEvent>,
+    peer: &crate::harness::Device,
+) {
+    let id = peer.id;
+    wait_event(
+        events,
+        Duration::from_secs(5),
+        |e| matches!(e, SyncEvent::PeerDisconnected { peer, .. } if *peer == id),
+    )
+    .await;
+}
+
 /// A handle on a device's `trust.json` of its own, as another process has.
 fn trust_file_of(dir: &std::path::Path, me: sync_core::DeviceId) -> TrustStore {
     TrustStore::load(&EngineConfig::new(dir).trust_path(), me).expect("trust store")
@@ -94,25 +132,8 @@ async fn untrust_through_the_engines_own_handle_closes_at_once_and_stops_rediali
     )
     .await;
     // The dialing side revokes the listener through the engine's handle.
-    assert!(
-        b.engine
-            .net_config()
-            .trust
-            .untrust(&a.engine.fingerprint())
-            .unwrap()
-    );
-    wait_event(
-        &mut b_events,
-        Duration::from_secs(2),
-        |e| matches!(e, SyncEvent::PeerRevoked { peer, .. } if *peer == a.id),
-    )
-    .await;
-    wait_event(
-        &mut b_events,
-        Duration::from_secs(5),
-        |e| matches!(e, SyncEvent::PeerDisconnected { peer, .. } if *peer == a.id),
-    )
-    .await;
+    revoke(b, a, &mut b_events, Duration::from_secs(2)).await;
+    wait_disconnected(&mut b_events, a).await;
     // It does not dial the revoked peer again.
     tokio::time::sleep(Duration::from_secs(2)).await;
     while let Ok(e) = b_events.try_recv() {
@@ -275,26 +296,9 @@ async fn after_revocation_at_most_one_batch_of_the_peer_lands() {
         |e| matches!(e, SyncEvent::Applied { owner, watermark, .. } if *owner == a.id && watermark.seq.0 >= 20_000),
     )
     .await;
-    assert!(
-        b.engine
-            .net_config()
-            .trust
-            .untrust(&a.engine.fingerprint())
-            .unwrap()
-    );
-    wait_event(
-        &mut b_events,
-        Duration::from_secs(3),
-        |e| matches!(e, SyncEvent::PeerRevoked { peer, .. } if *peer == a.id),
-    )
-    .await;
+    revoke(b, a, &mut b_events, Duration::from_secs(3)).await;
     let at_revoke = b.store().watermark(a.id).await.unwrap().unwrap().seq;
-    wait_event(
-        &mut b_events,
-        Duration::from_secs(5),
-        |e| matches!(e, SyncEvent::PeerDisconnected { peer, .. } if *peer == a.id),
-    )
-    .await;
+    wait_disconnected(&mut b_events, a).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = b.store().watermark(a.id).await.unwrap().unwrap().seq;
     assert!(

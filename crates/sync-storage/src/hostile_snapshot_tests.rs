@@ -631,3 +631,30 @@ async fn a_genuine_snapshot_schema_reads_from_its_first_page() {
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert!(rows.iter().any(|r| r.1 == "entry" && r.0 == "table"));
 }
+
+/// The first-page reader takes hostile bytes: random overwrites of a
+/// genuine schema page never panic it, and what it accepts stays within
+/// its row bound (the comparison with the reference schema comes after).
+#[tokio::test]
+async fn mutated_schema_pages_never_panic_the_page_reader() {
+    use proptest::prelude::*;
+    let s = scene().await;
+    let page: Vec<u8> = std::fs::read(&s.m.path).unwrap()[..4096].to_vec();
+    assert_eq!(crate::schema_page::schema_rows(&page).unwrap().len(), 3);
+    let mut runner = proptest::test_runner::TestRunner::default();
+    runner
+        .run(
+            &proptest::collection::vec((0usize..4096, any::<u8>()), 1..16),
+            |edits| {
+                let mut bytes = page.clone();
+                for (at, b) in edits {
+                    bytes[at] = b;
+                }
+                if let Ok(rows) = crate::schema_page::schema_rows(&bytes) {
+                    prop_assert!(rows.len() <= 16);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}

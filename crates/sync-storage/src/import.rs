@@ -20,7 +20,7 @@
 //! 4. requires `sqlite_master` (as SQLite sees it) to be exactly the snapshot schema (type,
 //!    name, table and SQL text of every object, compared with the schema
 //!    built by this version: no views, triggers, virtual tables, extra
-//!    indexes or tables), UTF-8 text, and a clean `PRAGMA quick_check`;
+//!    indexes or tables) and a clean `PRAGMA quick_check`;
 //! 5. checks the manifest row against the offer and every row's owner,
 //!    types, seq range and name lengths;
 //! 6. streams the rows, in pages, from that same checked connection into
@@ -408,17 +408,11 @@ fn schema_matches(have: &[MasterRow], want: &[MasterRow]) -> Result<()> {
     )))
 }
 
-/// The file's objects must be exactly the snapshot schema, its text UTF-8.
+/// The file's objects, as SQLite sees them, must be exactly the snapshot
+/// schema. The first page was already compared byte for byte (including its
+/// text encoding, in the header): this second look guards against a file
+/// that `schema_page` reads one way and SQLite another.
 async fn check_schema(conn: &mut SqliteConnection, deadline: Instant) -> Result<()> {
-    let encoding: String = sqlx::query_scalar("PRAGMA encoding")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| untrusted_err(e, deadline))?;
-    if encoding != "UTF-8" {
-        return Err(StorageError::WrongSchema(format!(
-            "text encoding {encoding}, expected UTF-8"
-        )));
-    }
     // Any failure but the deadline is the schema's: a malformed CREATE, an
     // unknown module, text that is not UTF-8.
     let have = master_rows(conn).await.map_err(|e| {
