@@ -85,3 +85,40 @@ async fn deleting_a_location_tombstones_its_entries_and_undeleting_reaches_every
     }
     shutdown(&devices).await;
 }
+
+/// Issue 13 item 2: two engines on one library reused seqs and moved the
+/// counter backwards. A second engine on a data directory is refused at
+/// once, naming the holder's pid; the lock goes with `shutdown`, and a
+/// restarted engine continues the same counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_on_one_library_are_refused_naming_the_holder() {
+    let mut devices = spawn_devices(1, |_| {}).await;
+    let a = &mut devices[0];
+    let (_, changes) = synthetic_changes(a.id, 50, 3);
+    let first = a.engine.commit(changes).await.expect("commit");
+    let err = match sync_actors::SyncEngine::start(sync_actors::EngineConfig::new(&a.dir)).await {
+        Ok(_) => panic!("a second engine opened the library"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(
+            &err,
+            sync_actors::EngineError::Storage(sync_storage::StorageError::InUse { pid: Some(p), .. })
+                if *p == std::process::id()
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("in use by another engine"),
+        "{err}"
+    );
+    a.restart(|_| {}).await;
+    let (_, more) = synthetic_changes(a.id, 10, 4);
+    let next = a.engine.commit(more).await.expect("commit after restart");
+    assert_eq!(
+        next.first,
+        first.last.next(),
+        "the counter moved on from where it was"
+    );
+    shutdown(&devices).await;
+}

@@ -13,7 +13,7 @@ use actix::prelude::*;
 use actix_rt::ArbiterHandle;
 use sync_core::{DeviceId, LibraryId, Watermark};
 use sync_net::{CertFingerprint, Connection, Identity, Listener, NetConfig, PeerInfo, TrustStore};
-use sync_storage::{DeviceInfo, LocalChange, OwnerSummary, SeqRange, Store};
+use sync_storage::{DeviceInfo, DirLock, LocalChange, OwnerSummary, SeqRange, Store};
 use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -56,6 +56,8 @@ struct Inner {
     actors: Actors,
     generation: Arc<AtomicU64>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The data directory's lock, dropped once the engine has stopped.
+    lock: std::sync::Mutex<Option<DirLock>>,
 }
 
 /// The host's handle on a running engine.
@@ -138,7 +140,13 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
 
 impl SyncEngine {
     /// Starts an engine for an initialized data directory, on its own thread.
+    ///
+    /// Takes the data directory's lock first (one engine per library, in
+    /// any process): a second engine fails at once with
+    /// [`sync_storage::StorageError::InUse`] naming the holder's pid. The
+    /// lock is released by [`SyncEngine::shutdown`] (or when the process ends).
     pub async fn start(config: EngineConfig) -> Result<SyncEngine, EngineError> {
+        let lock = DirLock::acquire(&config.data_dir)?;
         let (tx, rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("sync-engine".into())
@@ -176,6 +184,7 @@ impl SyncEngine {
                 actors,
                 generation: Arc::new(AtomicU64::new(1)),
                 thread: std::sync::Mutex::new(Some(thread)),
+                lock: std::sync::Mutex::new(Some(lock)),
             }),
         })
     }
@@ -431,6 +440,8 @@ impl SyncEngine {
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        // Another engine may open the library from now on.
+        drop(self.inner.lock.lock().ok().and_then(|mut l| l.take()));
         info!("engine stopped");
         Ok(())
     }

@@ -2,17 +2,18 @@
 //! `trusted`, `index`, `status`.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use serde_json::json;
 use sync_actors::{EngineConfig, SyncEngine, init_device};
 use sync_core::{DeviceId, LibraryId};
-use sync_net::{CertFingerprint, Identity, Invite, TrustStore, check_address};
+use sync_net::{Identity, Invite, TrustStore, check_address};
 use sync_storage::{DeviceInfo, Store};
 
 use crate::cli::Tuning;
-use crate::progress;
+use crate::control::{self, Request};
+use crate::ops;
+use crate::output::Terminal;
 
 /// Opens an initialized device's store, or says how to create one.
 pub async fn open_store(data: &Path) -> anyhow::Result<(Store, DeviceInfo)> {
@@ -149,59 +150,37 @@ fn warn_problems(store: &TrustStore) {
     }
 }
 
-fn parse_fingerprint(text: &str) -> anyhow::Result<CertFingerprint> {
-    text.parse()
-        .map_err(|e| anyhow::anyhow!("bad fingerprint {text:?}: {e}"))
-}
-
-fn parse_device(text: &str) -> anyhow::Result<DeviceId> {
-    text.parse()
-        .map_err(|e| anyhow::anyhow!("bad device id {text:?}: {e}"))
-}
-
-/// `lsync trust FINGERPRINT --device ID`.
+/// `lsync trust FINGERPRINT --device ID`: through the running engine if
+/// one holds the library, else on the trust file directly.
 pub async fn trust(data: &Path, fingerprint: &str, device: &str) -> anyhow::Result<()> {
+    let request = Request::Trust {
+        fingerprint: fingerprint.into(),
+        device: device.into(),
+    };
+    if control::forward(data, &request).await?.is_some() {
+        return Ok(());
+    }
     let identity = load_identity(data)?;
-    let fp = parse_fingerprint(fingerprint)?;
-    let device = parse_device(device)?;
-    if fp == identity.fingerprint {
-        bail!("certificate {fp} is this device's own: pin the other device's fingerprint");
-    }
     let store = trust_store(data, identity.device_id)?;
-    if store.trust(fp, device)? {
-        println!("trusted {fp} as device {device}");
-    } else {
-        println!("already trusted: {fp} as device {device}");
-    }
-    warn_problems(&store);
-    Ok(())
+    ops::trust(
+        &store,
+        identity.fingerprint,
+        fingerprint,
+        device,
+        &Terminal::default(),
+    )
 }
 
-/// `lsync untrust FINGERPRINT|DEVICE`.
+/// `lsync untrust FINGERPRINT|DEVICE`: a running engine closes the peer's
+/// sessions at once (it is told directly, or sees the trust file change).
 pub async fn untrust(data: &Path, peer: &str) -> anyhow::Result<()> {
+    let request = Request::Untrust { peer: peer.into() };
+    if control::forward(data, &request).await?.is_some() {
+        return Ok(());
+    }
     let identity = load_identity(data)?;
     let store = trust_store(data, identity.device_id)?;
-    if let Ok(fp) = peer.parse::<CertFingerprint>() {
-        let device = store.lookup(&fp);
-        if !store.untrust(&fp)? {
-            bail!("certificate {fp} is not pinned (`lsync trusted` lists the pins)");
-        }
-        match device {
-            Some(d) => println!("untrusted device {d} (certificate {fp})"),
-            None => println!("untrusted certificate {fp}"),
-        }
-    } else if let Ok(device) = peer.parse::<DeviceId>() {
-        match store.untrust_device(device)? {
-            Some(fp) => println!("untrusted device {device} (certificate {fp})"),
-            None => bail!("device {device} is not pinned (`lsync trusted` lists the pins)"),
-        }
-    } else {
-        bail!(
-            "{peer:?} is neither a certificate fingerprint (64 hex digits) nor a device id (a UUID)"
-        );
-    }
-    warn_problems(&store);
-    Ok(())
+    ops::untrust(&store, peer, &Terminal::default())
 }
 
 /// `lsync trusted`.
@@ -388,91 +367,38 @@ fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// `lsync index`.
+/// `lsync index`: inside the running engine if one holds the library,
+/// else in an engine started for the run.
 pub async fn index(data: &Path, path: &Path, json: bool) -> anyhow::Result<()> {
+    if control::forward(data, &Request::index(path, json)?)
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
     let engine = start_engine(data).await?;
-    let bar = progress::counter("indexing", json);
-    let tick = bar.clone();
-    let report = engine
-        .index(path, Some(Arc::new(move |n| tick.set_position(n))))
-        .await;
-    bar.finish_and_clear();
+    let result = ops::index(&engine, path, json, &Terminal::default()).await;
     engine.shutdown().await?;
-    let report = report?;
-    if json {
-        println!(
-            "{}",
-            json!({
-                "location_id": report.location_id.to_string(),
-                "entries": report.entries,
-                "created": report.created,
-                "updated": report.updated,
-                "deleted": report.deleted,
-                "skipped": report.skipped,
-                "seconds": report.seconds,
-            })
-        );
-    } else {
-        println!(
-            "indexed {}: {} entries ({} created, {} updated, {} deleted, {} skipped) in {:.2}s",
-            path.display(),
-            report.entries,
-            report.created,
-            report.updated,
-            report.deleted,
-            report.skipped,
-            report.seconds
-        );
-    }
-    if report.skipped > 0 {
-        eprintln!("skipped {} unreadable paths, first ones:", report.skipped);
-        for p in &report.skipped_paths {
-            eprintln!("  {p}");
-        }
-    }
-    Ok(())
+    result
 }
 
-/// `lsync status`.
+/// `lsync status`: the running engine's view (owners and peers) if one
+/// holds the library, else the library file's.
 pub async fn status(data: &Path, json: bool) -> anyhow::Result<()> {
+    if control::forward(data, &Request::Status { json })
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
     let (store, device) = open_store(data).await?;
     let owners = store.summaries().await?;
-    if json {
-        let owners: Vec<_> = owners
-            .iter()
-            .map(|o| {
-                json!({
-                    "device_id": o.owner.to_string(),
-                    "local": o.local,
-                    "index_id": o.index_id.to_string(),
-                    "seq": o.seq.0,
-                    "entries": o.entries,
-                    "tombstones": o.tombstones,
-                    "fingerprint": o.fingerprint.to_hex(),
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({"device_id": device.device_id.to_string(), "owners": owners})
-        );
-    } else {
-        println!("device {} ({})", device.device_id, device.name);
-        println!(
-            "{:<38} {:>6} {:>12} {:>10} {:>10}  fingerprint",
-            "owner", "local", "seq", "entries", "tombstones"
-        );
-        for o in owners {
-            println!(
-                "{:<38} {:>6} {:>12} {:>10} {:>10}  {}",
-                o.owner.to_string(),
-                o.local,
-                o.seq.0,
-                o.entries,
-                o.tombstones,
-                o.fingerprint
-            );
-        }
-    }
+    let view = ops::StatusView {
+        device: device.device_id,
+        name: &device.name,
+        owners: &owners,
+        peers: None,
+    };
+    ops::print_status(&view, json, &Terminal::default());
     Ok(())
 }

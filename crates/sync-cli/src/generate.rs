@@ -1,20 +1,52 @@
 //! `lsync generate`: a synthetic, realistic location committed in bulk.
 
 use std::path::Path;
-use std::time::Instant;
 
-use serde_json::json;
 use sync_core::synthetic::SyntheticTree;
 use sync_core::{DeviceId, LocationId};
 use sync_storage::{LocalChange, Store};
 
-use crate::device::open_store;
+use crate::control::{self, Request};
+use crate::device::start_engine;
+use crate::ops;
+use crate::output::Terminal;
 use crate::progress;
 
-/// Entries committed per `commit_local` call.
+/// Entries committed per commit.
 const CHUNK: usize = 50_000;
 
-/// Generates `entries` entries for `owner` into `store`; returns the location id.
+/// Commits a synthetic location of `entries` entries of `owner` through
+/// `commit`, the location first and then chunks of [`CHUNK`] entries;
+/// `tick` is told the entries committed so far. Returns the location id.
+pub async fn commit_synthetic<F, Fut>(
+    owner: DeviceId,
+    entries: u64,
+    seed: u64,
+    mut commit: F,
+    tick: &(dyn Fn(u64) + Sync),
+) -> anyhow::Result<LocationId>
+where
+    F: FnMut(Vec<LocalChange>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut tree = SyntheticTree::new(owner, entries, seed);
+    let location = tree.location();
+    commit(vec![LocalChange::Location(location.clone())]).await?;
+    let mut done = 0u64;
+    loop {
+        let chunk: Vec<LocalChange> = tree.by_ref().take(CHUNK).map(LocalChange::Entry).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        done += chunk.len() as u64;
+        commit(chunk).await?;
+        tick(done);
+    }
+    Ok(location.id)
+}
+
+/// Generates `entries` entries for `owner` straight into `store` (no
+/// engine runs on it, or it is told later); returns the location id.
 pub async fn generate_into(
     store: &Store,
     owner: DeviceId,
@@ -22,38 +54,30 @@ pub async fn generate_into(
     seed: u64,
     quiet: bool,
 ) -> anyhow::Result<LocationId> {
-    let mut tree = SyntheticTree::new(owner, entries, seed);
-    let location = tree.location();
-    store
-        .commit_local(owner, vec![LocalChange::Location(location.clone())])
-        .await?;
     let bar = progress::bar(entries, "generating", quiet);
-    loop {
-        let chunk: Vec<LocalChange> = tree.by_ref().take(CHUNK).map(LocalChange::Entry).collect();
-        if chunk.is_empty() {
-            break;
-        }
-        let n = chunk.len() as u64;
-        store.commit_local(owner, chunk).await?;
-        bar.inc(n);
-    }
+    let commit = |changes| async move {
+        store.commit_local(owner, changes).await?;
+        Ok(())
+    };
+    let location = commit_synthetic(owner, entries, seed, commit, &|n| bar.set_position(n)).await;
     bar.finish_and_clear();
-    Ok(location.id)
+    location
 }
 
-/// Runs `lsync generate`.
+/// Runs `lsync generate`: inside the running engine if one holds the
+/// library (its peers receive the entries as they are committed), else in
+/// an engine started for the run.
 pub async fn run(data: &Path, entries: u64, seed: u64, json: bool) -> anyhow::Result<()> {
-    let (store, device) = open_store(data).await?;
-    let started = Instant::now();
-    let location = generate_into(&store, device.device_id, entries, seed, json).await?;
-    let seconds = started.elapsed().as_secs_f64();
-    if json {
-        println!(
-            "{}",
-            json!({"location_id": location.to_string(), "entries": entries, "seconds": seconds})
-        );
-    } else {
-        println!("generated {entries} entries in location {location} in {seconds:.2}s");
+    let request = Request::Generate {
+        entries,
+        seed,
+        json,
+    };
+    if control::forward(data, &request).await?.is_some() {
+        return Ok(());
     }
-    Ok(())
+    let engine = start_engine(data).await?;
+    let result = ops::generate(&engine, entries, seed, json, &Terminal::default()).await;
+    engine.shutdown().await?;
+    result
 }

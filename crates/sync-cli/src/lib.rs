@@ -6,9 +6,12 @@
 
 mod bench;
 mod cli;
+mod control;
 mod demo;
 mod device;
 mod generate;
+mod ops;
+mod output;
 mod progress;
 mod sync;
 

@@ -12,6 +12,7 @@ use sync_core::TransferId;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::Tuning;
+use crate::control::ControlServer;
 use crate::device::{start_engine, start_tuned};
 use crate::progress;
 
@@ -44,6 +45,7 @@ pub async fn serve(
         None => None,
     };
     let engine = start_tuned(data, tuning).await?;
+    let control = ControlServer::start(data, engine.clone())?;
     let addr = engine.listen(listen).await?;
     eprintln!("listening on {addr} as {}", engine.device().device_id);
     let watcher = ProgressWatch::start(&engine, true);
@@ -75,6 +77,7 @@ pub async fn serve(
         }
     });
     until_signal().await?;
+    drop(control);
     indexing.abort();
     watcher.finish().await;
     engine.shutdown().await?;
@@ -203,11 +206,13 @@ pub async fn connect(
     timeout: u64,
 ) -> anyhow::Result<()> {
     let engine = start_engine(data).await?;
+    let control = ControlServer::start(data, engine.clone())?;
     let started = Instant::now();
     let watcher = ProgressWatch::start(&engine, json);
     let peer = match engine.connect(addr).await {
         Ok(p) => p,
         Err(e) => {
+            drop(control);
             engine.shutdown().await?;
             bail!("cannot connect to {addr}: {e}");
         }
@@ -218,6 +223,7 @@ pub async fn connect(
             peer.device, peer.name
         );
         until_signal().await?;
+        drop(control);
         engine.shutdown().await?;
         return Ok(());
     }
@@ -232,6 +238,7 @@ pub async fn connect(
         .find(|p| p.peer == peer.device)
         .map(|p| p.bytes_sent)
         .unwrap_or(0);
+    drop(control);
     engine.shutdown().await?;
     let moved = watcher.finish().await;
     if !synced {

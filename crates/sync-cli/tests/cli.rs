@@ -679,7 +679,7 @@ fn untrust_while_serving_closes_the_session_and_the_peer_cannot_reconnect() {
     let log = pair.a.join("serve.log");
     let _server = serve_logged(&pair.a, &addr, &log);
     // B stays connected (no --until-synced).
-    let _connected = Server(
+    let connected = Server(
         lsync()
             .arg("--data")
             .arg(&pair.b)
@@ -698,6 +698,8 @@ fn untrust_while_serving_closes_the_session_and_the_peer_cannot_reconnect() {
         "refusing unpinned certificate",
         Duration::from_secs(10),
     );
+    // One engine per library: B's first `connect` must end before another.
+    drop(connected);
     let e = fails(
         &pair.b,
         &["connect", &addr, "--until-synced", "--timeout", "5"],
@@ -794,4 +796,144 @@ fn f1_invite_refuses_shell_injection_addresses_and_join_prints_only_checked_valu
         )),
         "{out}"
     );
+}
+
+/// `lsync CMD` on `data` started in the background, stdout piped.
+fn spawn_cmd(data: &Path, args: &[&str]) -> Child {
+    lsync()
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a background command; its stdout as JSON.
+fn finish_json(child: Child) -> Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Issue 13 item 2: one engine per data directory, and the commands that
+/// change a library run inside the engine that holds it (over its control
+/// socket), so two processes never hand out one seq twice.
+#[test]
+fn commands_reach_the_serving_engine_and_a_second_engine_is_refused() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let pair = pair();
+    let addr = free_addr();
+    let mut server = serve(&pair.a, &addr);
+    let pid = server.0.id().to_string();
+
+    let second = run(&pair.a, &["serve", "--listen", &free_addr()]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second engine started");
+    assert!(
+        stderr.contains("in use by another engine") && stderr.contains(&pid),
+        "{stderr}"
+    );
+    let socket = pair.a.join("control.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    // Three commands at once, all inside the serving engine.
+    let tree = pair.a.parent().unwrap().join("tree");
+    for i in 0..120 {
+        write(&tree.join(format!("d{}/f{i}.txt", i % 7)), i);
+    }
+    let tree_arg = tree.to_str().unwrap().to_string();
+    let g1 = spawn_cmd(
+        &pair.a,
+        &["generate", "--entries", "20000", "--seed", "1", "--json"],
+    );
+    let g2 = spawn_cmd(
+        &pair.a,
+        &["generate", "--entries", "5000", "--seed", "2", "--json"],
+    );
+    let ix = spawn_cmd(&pair.a, &["index", &tree_arg, "--json"]);
+    let (g1, g2, ix) = (finish_json(g1), finish_json(g2), finish_json(ix));
+    assert_eq!(g1["entries"], 20000);
+    assert_eq!(g2["entries"], 5000);
+    assert_eq!(ix["entries"], 128, "{ix}");
+
+    let status = ok_json(&pair.a, &["status", "--json"]);
+    assert_eq!(status["serving"], true, "{status}");
+    let mine = owner_status(&pair.a, &pair.a_id);
+    // Every change got its own seq: 2 locations + 25,000 entries from
+    // `generate`, a location + 128 entries from `index`.
+    assert_eq!(mine["seq"], 20_001 + 5_001 + 129, "{mine}");
+    assert_eq!(mine["entries"], 25_000 + 128, "{mine}");
+
+    // Pins change through the engine too.
+    let fp = "ab".repeat(32);
+    let dev = "01a2342c-9821-7491-966f-a43b9e630001";
+    let out = ok(&pair.a, &["trust", &fp, "--device", dev]);
+    assert!(out.contains("trusted"), "{out}");
+    assert!(pins(&pair.a).iter().any(|(d, _)| d == dev));
+    ok(&pair.a, &["untrust", dev]);
+    assert!(!pins(&pair.a).iter().any(|(d, _)| d == dev));
+
+    // B gets it all from the serving engine.
+    ok_json(
+        &pair.b,
+        &[
+            "connect",
+            &addr,
+            "--until-synced",
+            "--json",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert_same_owner_state(&pair);
+
+    // A killed engine leaves its socket behind: commands run locally.
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    assert!(socket.exists(), "SIGKILL cannot remove the socket");
+    let status = ok_json(&pair.a, &["status", "--json"]);
+    assert!(status.get("serving").is_none(), "{status}");
+    let again = ok_json(&pair.a, &["index", &tree_arg, "--json"]);
+    assert_eq!(again["created"], 0, "{again}");
+    assert_eq!(again["entries"], 128, "{again}");
+}
+
+/// Bad input on the control socket: a malformed request and one longer
+/// than the limit each get one `failed` answer and change nothing; the
+/// engine goes on serving commands.
+#[test]
+fn the_control_socket_refuses_malformed_and_oversized_requests() {
+    use std::io::{BufRead, BufReader, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    ok(&a, &["init", "--name", "a"]);
+    let _server = serve(&a, &free_addr());
+    let ask = |bytes: &[u8]| -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(a.join("control.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
+    };
+    let malformed = ask(b"{\"command\": \"rm -rf\"}\n");
+    assert!(
+        malformed.contains("failed") && malformed.contains("malformed control request"),
+        "{malformed}"
+    );
+    let mut huge = vec![b'x'; 70 * 1024];
+    huge.push(b'\n');
+    let oversized = ask(&huge);
+    assert!(oversized.contains("longer than"), "{oversized}");
+    let status = ok_json(&a, &["status", "--json"]);
+    assert_eq!(status["serving"], true, "{status}");
+    assert_eq!(status["owners"][0]["seq"], 0, "{status}");
 }

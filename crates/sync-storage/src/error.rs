@@ -77,6 +77,18 @@ pub enum StorageError {
         /// The local device.
         local: DeviceId,
     },
+    /// Another engine holds this data directory (one engine per library).
+    #[error(
+        "data directory {dir} is in use by another engine ({}); one engine at a time may \
+         open a library",
+        pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid unknown".into())
+    )]
+    InUse {
+        /// The data directory.
+        dir: String,
+        /// The holder's pid, as it wrote it in the lock file.
+        pid: Option<u32>,
+    },
     /// The library has no device yet: call `create_device` first.
     #[error("the library has no device yet (run init first)")]
     NotInitialized,

@@ -22,6 +22,7 @@ mod bulk;
 mod checkpoint;
 mod error;
 mod import;
+mod lock;
 mod migration;
 mod perms;
 mod read;
@@ -54,6 +55,7 @@ use tracing::Instrument;
 
 pub use error::{Result, StorageError};
 pub use import::{MAX_NAME_BYTES, MAX_PATH_BYTES};
+pub use lock::{DirLock, LOCK_FILE};
 pub use migration::Migrator;
 pub use snapshot::{SNAPSHOT_BYTES_PER_RECORD, SnapshotDownload, max_snapshot_bytes};
 pub use types::{

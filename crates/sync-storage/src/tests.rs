@@ -1531,3 +1531,49 @@ async fn entries_may_arrive_before_their_location_but_never_cross_owners() {
     assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e}");
     assert_eq!(state(&s).await, before);
 }
+
+/// Issue 13 item 2: two handles on one library committing at once (as two
+/// processes did) must never hand out one seq twice, nor move the counter
+/// backwards: the counter is read and advanced inside one `BEGIN
+/// IMMEDIATE` transaction per chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_library_never_reuse_seqs() {
+    let dir = TempDir::new().unwrap();
+    let (a, me) = device(&dir, "a").await;
+    let b = open(&dir, "a").await;
+    let loc = location(me, 0);
+    a.commit_local(me, vec![LocalChange::Location(loc.clone())])
+        .await
+        .unwrap();
+    let writer = |s: Store, base: u64| {
+        let loc = loc.id;
+        tokio::spawn(async move {
+            let mut ranges = Vec::new();
+            for round in 0..20u64 {
+                let changes: Vec<LocalChange> = (0..(round % 7) * 300 + 1)
+                    .map(|i| LocalChange::Entry(entry(loc, base + round * 10_000 + i, 0)))
+                    .collect();
+                ranges.push(s.commit_local(me, changes).await.unwrap());
+            }
+            ranges
+        })
+    };
+    let (ra, rb) = tokio::join!(writer(a.clone(), 0), writer(b.clone(), 1 << 40));
+    let mut ranges: Vec<SeqRange> = ra.unwrap().into_iter().chain(rb.unwrap()).collect();
+    ranges.sort_by_key(|r| r.first);
+    for pair in ranges.windows(2) {
+        assert!(
+            pair[0].last < pair[1].first,
+            "overlapping seq ranges: {pair:?}"
+        );
+    }
+    let committed: u64 = ranges.iter().map(|r| r.last.0 + 1 - r.first.0).sum();
+    let records = a.records_after(me, Seq::ZERO, usize::MAX).await.unwrap();
+    let mut seqs: Vec<u64> = records.iter().map(|r| r.seq().0).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), records.len(), "two records share a seq");
+    assert_eq!(records.len() as u64, committed + 1);
+    assert_eq!(a.local_watermark().await.unwrap().seq, Seq(committed + 1));
+    assert_eq!(b.local_watermark().await.unwrap().seq, Seq(committed + 1));
+}

@@ -41,20 +41,30 @@ impl Store {
             let _guard = self.inner.write_lock.lock().await;
             let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
             check_local_locations(&mut conn, owner, &changes).await?;
-            let start = owner_state(&mut conn, owner)
-                .await?
-                .ok_or(StorageError::NotInitialized)?
-                .watermark
-                .seq;
-            let mut seq = start;
+            let mut range: Option<SeqRange> = None;
             for chunk in changes.chunks(LOCAL_CHANGES_PER_TX) {
-                seq = commit_local_tx(&mut conn, owner, seq, chunk).await?;
+                let done = commit_local_tx(&mut conn, owner, chunk).await?;
+                range = Some(match range {
+                    None => done,
+                    Some(r) => SeqRange {
+                        first: r.first,
+                        last: done.last,
+                    },
+                });
             }
-            tracing::debug!(first = start.0 + 1, last = seq.0, "committed");
-            Ok(SeqRange {
-                first: start.next(),
-                last: seq,
-            })
+            let range = match range {
+                Some(r) => r,
+                // Nothing to commit: an empty range just past the counter.
+                None => {
+                    let seq = local_seq(&mut conn, owner).await?;
+                    SeqRange {
+                        first: seq.next(),
+                        last: seq,
+                    }
+                }
+            };
+            tracing::debug!(first = range.first.0, last = range.last.0, "committed");
+            Ok(range)
         }
         .instrument(span)
         .await
@@ -91,12 +101,27 @@ async fn check_local_locations(
 }
 
 /// One transaction of `commit_local`: returns the last seq stamped.
+/// This device's seq counter as committed.
+async fn local_seq(conn: &mut SqliteConnection, owner: DeviceId) -> Result<Seq> {
+    Ok(owner_state(conn, owner)
+        .await?
+        .ok_or(StorageError::NotInitialized)?
+        .watermark
+        .seq)
+}
+
+/// Commits one chunk of local changes in one `BEGIN IMMEDIATE` transaction:
+/// the counter is read, advanced and written back under SQLite's write lock,
+/// so no other connection (another `Store` on the same file, another
+/// process) can hand out the same seqs or move the counter backwards.
 async fn commit_local_tx(
     conn: &mut SqliteConnection,
     owner: DeviceId,
-    mut seq: Seq,
     chunk: &[LocalChange],
-) -> Result<Seq> {
+) -> Result<SeqRange> {
+    let mut txn = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+    let start = local_seq(&mut txn, owner).await?;
+    let mut seq = start;
     // Final state per id inside this transaction, in change order.
     let mut locs: HashMap<LocationId, Location> = HashMap::new();
     let mut ents: HashMap<EntryId, Entry> = HashMap::new();
@@ -180,7 +205,6 @@ async fn commit_local_tx(
         .collect();
     del_ents.sort_unstable();
 
-    let mut txn = conn.begin().await.map_err(db_err)?;
     let written: HashSet<[u8; 16]> = ents
         .iter()
         .map(|e| e.id.to_bytes())
@@ -203,7 +227,10 @@ async fn commit_local_tx(
     set_local_seq(&mut txn, owner, seq).await?;
     txn.commit().await.map_err(db_err)?;
     sync_core::crash_point("commit.txn");
-    Ok(seq)
+    Ok(SeqRange {
+        first: start.next(),
+        last: seq,
+    })
 }
 
 impl Store {

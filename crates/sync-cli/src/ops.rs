@@ -1,0 +1,271 @@
+//! The bodies of the commands that change a library (`index`, `generate`,
+//! `trust`, `untrust`) and of `status`, run against an engine: one started
+//! in this process, or the engine a running `serve`/`connect` holds, when
+//! the command came in over its control socket (see `control.rs`).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::bail;
+use serde_json::json;
+use sync_actors::{EngineStatus, IndexReport, PeerStatus, SyncEngine};
+use sync_core::DeviceId;
+use sync_net::{CertFingerprint, TrustStore};
+use sync_storage::OwnerSummary;
+
+use crate::generate::commit_synthetic;
+use crate::output::Output;
+
+/// `index PATH`: indexes the folder, reports what changed.
+pub async fn index(
+    engine: &SyncEngine,
+    path: &Path,
+    json: bool,
+    out: &dyn Output,
+) -> anyhow::Result<()> {
+    out.start("indexing", json);
+    let report = engine.index(path, Some(out.progress_sink())).await;
+    out.finish();
+    let report = report?;
+    print_index(path, &report, json, out);
+    Ok(())
+}
+
+fn print_index(path: &Path, report: &IndexReport, json: bool, out: &dyn Output) {
+    if json {
+        out.line(
+            &json!({
+                "location_id": report.location_id.to_string(),
+                "entries": report.entries,
+                "created": report.created,
+                "updated": report.updated,
+                "deleted": report.deleted,
+                "skipped": report.skipped,
+                "seconds": report.seconds,
+            })
+            .to_string(),
+        );
+    } else {
+        out.line(&format!(
+            "indexed {}: {} entries ({} created, {} updated, {} deleted, {} skipped) in {:.2}s",
+            path.display(),
+            report.entries,
+            report.created,
+            report.updated,
+            report.deleted,
+            report.skipped,
+            report.seconds
+        ));
+    }
+    if report.skipped > 0 {
+        out.warn(&format!(
+            "skipped {} unreadable paths, first ones:",
+            report.skipped
+        ));
+        for p in &report.skipped_paths {
+            out.warn(&format!("  {p}"));
+        }
+    }
+}
+
+/// `generate N`: a synthetic location committed through the engine, so
+/// connected peers receive it as it is committed.
+pub async fn generate(
+    engine: &SyncEngine,
+    entries: u64,
+    seed: u64,
+    json: bool,
+    out: &dyn Output,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    out.start("generating", json);
+    let tick = out.progress_sink();
+    let commit = |changes| async move {
+        engine.commit(changes).await?;
+        Ok(())
+    };
+    let owner = engine.device().device_id;
+    let location = commit_synthetic(owner, entries, seed, commit, &|n| tick(n)).await;
+    out.finish();
+    let location = location?;
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        out.line(
+            &json!({"location_id": location.to_string(), "entries": entries, "seconds": seconds})
+                .to_string(),
+        );
+    } else {
+        out.line(&format!(
+            "generated {entries} entries in location {location} in {seconds:.2}s"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_fingerprint(text: &str) -> anyhow::Result<CertFingerprint> {
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("bad fingerprint {text:?}: {e}"))
+}
+
+fn parse_device(text: &str) -> anyhow::Result<DeviceId> {
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("bad device id {text:?}: {e}"))
+}
+
+/// Warns about what the engine would refuse the trust store for.
+fn warn_problems(trust: &TrustStore, out: &dyn Output) {
+    for p in trust.problems().unwrap_or_default() {
+        out.warn(&format!("warning: {p}"));
+    }
+}
+
+/// `trust FINGERPRINT --device ID` on `trust`, the store of the device whose
+/// own certificate is `own`.
+pub fn trust(
+    trust: &TrustStore,
+    own: CertFingerprint,
+    fingerprint: &str,
+    device: &str,
+    out: &dyn Output,
+) -> anyhow::Result<()> {
+    let fp = parse_fingerprint(fingerprint)?;
+    let device = parse_device(device)?;
+    if fp == own {
+        bail!("certificate {fp} is this device's own: pin the other device's fingerprint");
+    }
+    if trust.trust(fp, device)? {
+        out.line(&format!("trusted {fp} as device {device}"));
+    } else {
+        out.line(&format!("already trusted: {fp} as device {device}"));
+    }
+    warn_problems(trust, out);
+    Ok(())
+}
+
+/// `untrust FINGERPRINT|DEVICE` on `trust`: a running engine closes the
+/// peer's sessions at once.
+pub fn untrust(trust: &TrustStore, peer: &str, out: &dyn Output) -> anyhow::Result<()> {
+    if let Ok(fp) = peer.parse::<CertFingerprint>() {
+        let device = trust.lookup(&fp);
+        if !trust.untrust(&fp)? {
+            bail!("certificate {fp} is not pinned (`lsync trusted` lists the pins)");
+        }
+        match device {
+            Some(d) => out.line(&format!("untrusted device {d} (certificate {fp})")),
+            None => out.line(&format!("untrusted certificate {fp}")),
+        }
+    } else if let Ok(device) = peer.parse::<DeviceId>() {
+        match trust.untrust_device(device)? {
+            Some(fp) => out.line(&format!("untrusted device {device} (certificate {fp})")),
+            None => bail!("device {device} is not pinned (`lsync trusted` lists the pins)"),
+        }
+    } else {
+        bail!(
+            "{peer:?} is neither a certificate fingerprint (64 hex digits) nor a device id (a UUID)"
+        );
+    }
+    warn_problems(trust, out);
+    Ok(())
+}
+
+/// What `status` shows: the owners held and, when an engine is running,
+/// its connected peers.
+pub struct StatusView<'a> {
+    /// This device.
+    pub device: DeviceId,
+    /// Its name.
+    pub name: &'a str,
+    /// Every owner held.
+    pub owners: &'a [OwnerSummary],
+    /// The running engine's peers (`None`: no engine runs on the library).
+    pub peers: Option<&'a [PeerStatus]>,
+}
+
+/// `status` of a running engine.
+pub async fn status(engine: &SyncEngine, json: bool, out: &dyn Output) -> anyhow::Result<()> {
+    let EngineStatus { owners, peers, .. } = engine.status().await?;
+    let device = engine.device();
+    print_status(
+        &StatusView {
+            device: device.device_id,
+            name: &device.name,
+            owners: &owners,
+            peers: Some(&peers),
+        },
+        json,
+        out,
+    );
+    Ok(())
+}
+
+/// Prints `status`: a table, or one JSON object.
+pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
+    if json {
+        let owners: Vec<_> = view
+            .owners
+            .iter()
+            .map(|o| {
+                json!({
+                    "device_id": o.owner.to_string(),
+                    "local": o.local,
+                    "index_id": o.index_id.to_string(),
+                    "seq": o.seq.0,
+                    "entries": o.entries,
+                    "tombstones": o.tombstones,
+                    "fingerprint": o.fingerprint.to_hex(),
+                })
+            })
+            .collect();
+        let mut doc = json!({"device_id": view.device.to_string(), "owners": owners});
+        if let Some(peers) = view.peers {
+            doc["serving"] = json!(true);
+            doc["peers"] = serde_json::to_value(peers).unwrap_or_default();
+        }
+        out.line(&doc.to_string());
+        return;
+    }
+    out.line(&format!("device {} ({})", view.device, view.name));
+    out.line(&format!(
+        "{:<38} {:>6} {:>12} {:>10} {:>10}  fingerprint",
+        "owner", "local", "seq", "entries", "tombstones"
+    ));
+    for o in view.owners {
+        out.line(&format!(
+            "{:<38} {:>6} {:>12} {:>10} {:>10}  {}",
+            o.owner.to_string(),
+            o.local,
+            o.seq.0,
+            o.entries,
+            o.tombstones,
+            o.fingerprint
+        ));
+    }
+    match view.peers {
+        None => out.line("not serving: no engine runs on this library"),
+        Some([]) => out.line("serving; no peer connected"),
+        Some(peers) => {
+            out.line("connected peers:");
+            for p in peers {
+                out.line(&format!("  {}", describe_peer(p)));
+            }
+        }
+    }
+}
+
+/// One line about a connected peer.
+fn describe_peer(p: &PeerStatus) -> String {
+    let holds = p
+        .holds_of_me
+        .map(|w| format!("holds my seq {}", w.seq.0))
+        .unwrap_or_else(|| "holds nothing of mine yet".into());
+    let sending = match &p.outgoing {
+        Some((transfer, strategy)) => {
+            format!("sending ({strategy:?}, transfer {})", transfer.fmt_short())
+        }
+        None => "idle".into(),
+    };
+    format!(
+        "{} ({}) at {}: {holds}; {sending}; {} bytes sent",
+        p.peer, p.name, p.addr, p.bytes_sent
+    )
+}
