@@ -360,10 +360,14 @@ pub async fn forward(data: &Path, request: &Request) -> anyhow::Result<Option<()
     let path = data.join(SOCKET_FILE);
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
+        // No engine there, a dead engine's socket, or a path too long for
+        // a socket name (then no engine could listen on it either).
         Err(e)
             if matches!(
                 e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::InvalidInput
             ) =>
         {
             return Ok(None);

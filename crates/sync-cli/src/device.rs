@@ -398,6 +398,7 @@ pub async fn status(data: &Path, json: bool) -> anyhow::Result<()> {
         name: &device.name,
         owners: &owners,
         peers: None,
+        held_by: sync_storage::DirLock::holder(data),
     };
     ops::print_status(&view, json, &Terminal::default());
     Ok(())

@@ -177,8 +177,11 @@ pub struct StatusView<'a> {
     pub name: &'a str,
     /// Every owner held.
     pub owners: &'a [OwnerSummary],
-    /// The running engine's peers (`None`: no engine runs on the library).
+    /// The running engine's peers (`None`: not reached through it).
     pub peers: Option<&'a [PeerStatus]>,
+    /// The pid of an engine that holds the library but was not reached
+    /// (it has no control socket): `Some(None)` if it wrote no pid.
+    pub held_by: Option<Option<u32>>,
 }
 
 /// `status` of a running engine.
@@ -191,6 +194,7 @@ pub async fn status(engine: &SyncEngine, json: bool, out: &dyn Output) -> anyhow
             name: &device.name,
             owners: &owners,
             peers: Some(&peers),
+            held_by: None,
         },
         json,
         out,
@@ -220,6 +224,9 @@ pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
         if let Some(peers) = view.peers {
             doc["serving"] = json!(true);
             doc["peers"] = serde_json::to_value(peers).unwrap_or_default();
+        } else if let Some(pid) = view.held_by {
+            doc["serving"] = json!(true);
+            doc["engine_pid"] = json!(pid);
         }
         out.line(&doc.to_string());
         return;
@@ -240,10 +247,15 @@ pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
             o.fingerprint
         ));
     }
-    match view.peers {
-        None => out.line("not serving: no engine runs on this library"),
-        Some([]) => out.line("serving; no peer connected"),
-        Some(peers) => {
+    match (view.peers, view.held_by) {
+        (None, Some(pid)) => out.line(&format!(
+            "an engine ({}) holds this library without a control socket: its peers are not shown",
+            pid.map(|p| format!("pid {p}"))
+                .unwrap_or_else(|| "pid unknown".into())
+        )),
+        (None, None) => out.line("not serving: no engine runs on this library"),
+        (Some([]), _) => out.line("serving; no peer connected"),
+        (Some(peers), _) => {
             out.line("connected peers:");
             for p in peers {
                 out.line(&format!("  {}", describe_peer(p)));

@@ -27,6 +27,21 @@ pub async fn until_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The engine's control socket; without one (a data directory path too
+/// long for a socket name, say) it still serves, and says what that costs.
+fn control_socket(data: &Path, engine: &SyncEngine) -> Option<ControlServer> {
+    match ControlServer::start(data, engine.clone()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!(
+                "warning: no control socket ({e:#}): other lsync commands on {} are refused while this runs",
+                data.display()
+            );
+            None
+        }
+    }
+}
+
 /// `lsync serve`: listens, indexes the folders given (one after another,
 /// while serving; again every `rescan` seconds if given), and syncs until
 /// SIGINT or SIGTERM.
@@ -45,7 +60,7 @@ pub async fn serve(
         None => None,
     };
     let engine = start_tuned(data, tuning).await?;
-    let control = ControlServer::start(data, engine.clone())?;
+    let control = control_socket(data, &engine);
     let addr = engine.listen(listen).await?;
     eprintln!("listening on {addr} as {}", engine.device().device_id);
     let watcher = ProgressWatch::start(&engine, true);
@@ -206,7 +221,7 @@ pub async fn connect(
     timeout: u64,
 ) -> anyhow::Result<()> {
     let engine = start_engine(data).await?;
-    let control = ControlServer::start(data, engine.clone())?;
+    let control = control_socket(data, &engine);
     let started = Instant::now();
     let watcher = ProgressWatch::start(&engine, json);
     let peer = match engine.connect(addr).await {

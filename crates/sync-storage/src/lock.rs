@@ -49,6 +49,20 @@ impl DirLock {
         Ok(DirLock { file, path })
     }
 
+    /// Whether an engine holds `dir`, and its pid if it wrote one:
+    /// `None` when the directory is free. Probes with a shared lock taken
+    /// and dropped at once (a `lock` never blocks on it for longer).
+    pub fn holder(dir: &Path) -> Option<Option<u32>> {
+        let mut file = std::fs::File::open(dir.join(LOCK_FILE)).ok()?;
+        match flock(&file, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                let _ = flock(&file, FlockOperation::Unlock);
+                None
+            }
+            Err(_) => Some(read_pid(&mut file)),
+        }
+    }
+
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -88,7 +102,9 @@ mod tests {
         }
         let err = DirLock::acquire(dir.path()).unwrap_err().to_string();
         assert!(err.contains(&std::process::id().to_string()), "{err}");
+        assert_eq!(DirLock::holder(dir.path()), Some(Some(std::process::id())));
         drop(held);
+        assert_eq!(DirLock::holder(dir.path()), None);
         DirLock::acquire(dir.path()).unwrap();
     }
 }
