@@ -409,6 +409,7 @@ pub async fn index(data: &Path, path: &Path, json: bool) -> anyhow::Result<()> {
                 "updated": report.updated,
                 "deleted": report.deleted,
                 "skipped": report.skipped,
+                "kept": report.kept,
                 "seconds": report.seconds,
             })
         );
