@@ -10,6 +10,7 @@ mod harness;
 mod hostile;
 mod hostile_bytes;
 mod hostile_orders;
+mod indexer;
 mod load;
 mod pairing;
 mod strategies;

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use sync_core::Thresholds;
 
+use crate::indexer::walk::UnreadablePaths;
+
 /// Where an engine keeps its files and how it paces transfers.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -37,6 +39,9 @@ pub struct EngineConfig {
 pub struct Faults {
     /// Panic inside the sending transfer task once, after this many batches sent.
     pub panic_sender_after_batches: Option<u32>,
+    /// Paths index walks treat as unreadable (tests run as root, whom
+    /// permission bits do not stop).
+    pub unreadable: UnreadablePaths,
 }
 
 impl EngineConfig {

@@ -31,5 +31,5 @@ pub use engine::{EngineStatus, SyncEngine, init_device};
 pub use error::EngineError;
 pub use events::{Direction, HostEvent, SyncEvent};
 pub use indexer::Progress;
-pub use indexer::walk::{IndexReport, plan_index};
+pub use indexer::walk::{IndexReport, Unreadable, UnreadablePaths, plan_index, plan_index_with};
 pub use supervisor::PeerStatus;

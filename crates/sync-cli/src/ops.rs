@@ -41,6 +41,7 @@ fn print_index(path: &Path, report: &IndexReport, json: bool, out: &dyn Output) 
                 "updated": report.updated,
                 "deleted": report.deleted,
                 "skipped": report.skipped,
+                "kept": report.kept,
                 "seconds": report.seconds,
             })
             .to_string(),

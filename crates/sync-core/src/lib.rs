@@ -19,6 +19,7 @@ mod fingerprint;
 mod id;
 pub mod message;
 pub mod model;
+pub mod names;
 pub mod records;
 mod strategy;
 pub mod synthetic;
