@@ -12,5 +12,6 @@ mod hostile_bytes;
 mod hostile_orders;
 mod load;
 mod pairing;
+mod simulation;
 mod strategies;
 mod tidy;

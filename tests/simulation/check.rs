@@ -1,0 +1,201 @@
+//! The invariants, read through the public `Store` API: every device
+//! equals the model record by record; no two records of an owner share a
+//! seq; no watermark passes a record not held; `synced_with` never says
+//! true while two libraries differ.
+
+use std::collections::BTreeMap;
+
+use sync_core::{DeviceId, Record, Seq};
+use sync_storage::Store;
+
+use super::model::{Key, Model, first_difference, key, own_records};
+use crate::chaos::{RecordCheck, compare_records};
+
+/// One device as the checks see it.
+pub struct View {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its store.
+    pub store: Store,
+}
+
+/// Every record (tombstones included) of `owner` held by `store`.
+async fn held(store: &Store, owner: DeviceId) -> Result<Vec<Record>, String> {
+    own_records(store, owner, Seq::ZERO).await
+}
+
+/// No two records share a seq.
+pub fn seqs_unique(owner: DeviceId, on: DeviceId, records: &[Record]) -> Result<(), String> {
+    let mut seen: BTreeMap<Seq, &Record> = BTreeMap::new();
+    for r in records {
+        if let Some(other) = seen.insert(r.seq(), r) {
+            return Err(format!(
+                "device {} holds two records of {} at seq {}: {other:?} and {r:?}",
+                on.fmt_short(),
+                owner.fmt_short(),
+                r.seq()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every record of the owner at or below the watermark is held, at its seq
+/// or a later one.
+pub fn watermark_covers(watermark: Seq, own: &[Record], replica: &[Record]) -> Result<(), String> {
+    let held: BTreeMap<Key, Seq> = replica.iter().map(|r| (key(r), r.seq())).collect();
+    match own
+        .iter()
+        .find(|r| r.seq() <= watermark && held.get(&key(r)).is_none_or(|s| *s < r.seq()))
+    {
+        Some(r) => Err(format!(
+            "watermark {watermark} passes a record not held: {r:?} (held at {:?})",
+            held.get(&key(r))
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The owner's own store against the model: exactly its records (content
+/// only if the owner started a new IndexId, which re-stamps nothing the
+/// model can predict).
+async fn owner_matches_model(owner: &View, model: &Model) -> Result<Vec<Record>, String> {
+    let own = held(&owner.store, owner.id).await?;
+    seqs_unique(owner.id, owner.id, &own)?;
+    let want = model.owner(owner.id);
+    let local = owner
+        .store
+        .local_watermark()
+        .await
+        .map_err(|e| e.to_string())?;
+    let strip = |m: BTreeMap<Key, Record>, strip: bool| -> BTreeMap<Key, Record> {
+        m.into_iter()
+            .map(|(k, mut r)| {
+                if strip {
+                    match &mut r {
+                        Record::Location(l) => l.seq = Seq::ZERO,
+                        Record::Entry(e) => e.seq = Seq::ZERO,
+                    }
+                }
+                (k, r)
+            })
+            .collect()
+    };
+    let restamped = local.index_id != want.watermark.index_id;
+    let got = strip(own.iter().map(|r| (key(r), r.clone())).collect(), restamped);
+    let expected = strip(want.records.clone(), restamped);
+    if got != expected {
+        return Err(format!(
+            "owner {} differs from the model: {}",
+            owner.id.fmt_short(),
+            first_difference(&expected, &got)
+        ));
+    }
+    if !restamped && local != want.watermark {
+        return Err(format!(
+            "owner {} at {local:?}, model {:?}",
+            owner.id.fmt_short(),
+            want.watermark
+        ));
+    }
+    Ok(own)
+}
+
+/// A replica's copy of `owner` equals the owner's records.
+async fn replica_matches(
+    owner: DeviceId,
+    own: &[Record],
+    replica: &View,
+) -> Result<RecordCheck, String> {
+    let copy = held(&replica.store, owner).await?;
+    seqs_unique(owner, replica.id, &copy)?;
+    let wm = replica
+        .store
+        .watermark(owner)
+        .await
+        .map_err(|e| e.to_string())?;
+    let wm_seq = wm.map(|w| w.seq).unwrap_or(Seq::ZERO);
+    watermark_covers(wm_seq, own, &copy).map_err(|e| {
+        format!(
+            "device {} of owner {}: {e}",
+            replica.id.fmt_short(),
+            owner.fmt_short()
+        )
+    })?;
+    let check = compare_records(own, &copy);
+    if !check.clean() {
+        return Err(format!(
+            "device {} holds owner {} differently: {check:?}",
+            replica.id.fmt_short(),
+            owner.fmt_short()
+        ));
+    }
+    let max = own.iter().map(Record::seq).max().unwrap_or(Seq::ZERO);
+    if wm_seq < max {
+        return Err(format!(
+            "device {} holds owner {} up to {wm_seq}, owner at {max}",
+            replica.id.fmt_short(),
+            owner.fmt_short()
+        ));
+    }
+    Ok(check)
+}
+
+/// After quiescence: every owner equals the model, every other device
+/// equals the owner. Returns the records compared.
+pub async fn check_quiesced(views: &[View], model: &Model) -> Result<u64, String> {
+    let mut compared = 0;
+    for owner in views {
+        let own = owner_matches_model(owner, model).await?;
+        compared += own.len() as u64;
+        for replica in views.iter().filter(|v| v.id != owner.id) {
+            compared += replica_matches(owner.id, &own, replica).await?.compared;
+        }
+    }
+    Ok(compared)
+}
+
+/// If `a` says it is synced with `b`, each must hold the other's records
+/// exactly. Returns whether it said so.
+pub async fn synced_implies_equal(a: &View, b: &View, synced: bool) -> Result<bool, String> {
+    if !synced {
+        return Ok(false);
+    }
+    for (owner, replica) in [(a, b), (b, a)] {
+        let own = held(&owner.store, owner.id).await?;
+        let copy = held(&replica.store, owner.id).await?;
+        let check = compare_records(&own, &copy);
+        if !check.clean() {
+            return Err(format!(
+                "{}.synced_with({}) is true while {} holds {} differently: {check:?}",
+                a.id.fmt_short(),
+                b.id.fmt_short(),
+                replica.id.fmt_short(),
+                owner.id.fmt_short()
+            ));
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::synthetic_records;
+
+    #[test]
+    fn seq_and_watermark_checks_see_a_shared_seq_and_a_record_passed_over() {
+        let owner = DeviceId::new_v7();
+        let own = synthetic_records(owner, 5, 3, Seq(1));
+        assert!(seqs_unique(owner, owner, &own).is_ok());
+        let mut twice = own.clone();
+        if let Record::Entry(e) = &mut twice[2] {
+            e.seq = Seq(1);
+        }
+        assert!(seqs_unique(owner, owner, &twice).is_err());
+        assert!(watermark_covers(Seq(6), &own, &own).is_ok());
+        let lacking: Vec<Record> = own.iter().filter(|r| r.seq() != Seq(4)).cloned().collect();
+        assert!(watermark_covers(Seq(3), &own, &lacking).is_ok());
+        assert!(watermark_covers(Seq(4), &own, &lacking).is_err());
+    }
+}
