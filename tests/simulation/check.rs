@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use sync_core::{DeviceId, Record, Seq};
+use sync_core::{DeviceId, Record, Seq, Watermark};
 use sync_storage::Store;
 
 use super::model::{Key, Model, first_difference, key, own_records};
@@ -155,27 +155,63 @@ pub async fn check_quiesced(views: &[View], model: &Model) -> Result<u64, String
     Ok(compared)
 }
 
-/// If `a` says it is synced with `b`, each must hold the other's records
-/// exactly. Returns whether it said so.
-pub async fn synced_implies_equal(a: &View, b: &View, synced: bool) -> Result<bool, String> {
-    if !synced {
+/// What `a.synced_with(b)` claimed, and what `a` knew of `b` when it did.
+pub struct Claim {
+    /// `a.synced_with(b)`.
+    pub synced: bool,
+    /// `b`'s max seq as `b` last advertised it to `a` (`PeerStatus::advertised`).
+    pub advertised: Option<Watermark>,
+}
+
+/// Every record of `own` at or below `upto` is in `copy`, at its seq with
+/// its content, or at a later seq.
+fn covers_up_to(upto: Seq, own: &[Record], copy: &[Record]) -> Option<String> {
+    let held: BTreeMap<Key, &Record> = copy.iter().map(|r| (key(r), r)).collect();
+    own.iter()
+        .filter(|r| r.seq() <= upto)
+        .find_map(|r| match held.get(&key(r)) {
+            None => Some(format!("lacks {r:?}")),
+            Some(h) if h.seq() < r.seq() => Some(format!("holds {h:?} older than {r:?}")),
+            Some(h) if h.seq() == r.seq() && *h != r => Some(format!("holds {h:?} for {r:?}")),
+            _ => None,
+        })
+}
+
+/// If `a` says it is synced with `b`: `b` holds exactly `a`'s records (`a`
+/// knows its own and `b`'s acknowledgements), and `a` holds `b`'s records
+/// up to what `b` last advertised. Returns whether `b` holds records above
+/// that advertisement which `a` lacks (a claim that is only stale: `a`
+/// cannot know of `b`'s commits before `b` says so).
+pub async fn synced_implies_equal(a: &View, b: &View, claim: &Claim) -> Result<bool, String> {
+    if !claim.synced {
         return Ok(false);
     }
-    for (owner, replica) in [(a, b), (b, a)] {
-        let own = held(&owner.store, owner.id).await?;
-        let copy = held(&replica.store, owner.id).await?;
-        let check = compare_records(&own, &copy);
-        if !check.clean() {
-            return Err(format!(
-                "{}.synced_with({}) is true while {} holds {} differently: {check:?}",
-                a.id.fmt_short(),
-                b.id.fmt_short(),
-                replica.id.fmt_short(),
-                owner.id.fmt_short()
-            ));
-        }
+    let (a_own, b_copy) = (held(&a.store, a.id).await?, held(&b.store, a.id).await?);
+    let check = compare_records(&a_own, &b_copy);
+    if !check.clean() {
+        return Err(format!(
+            "{}.synced_with({}) is true while {} holds {}'s records differently: {check:?}",
+            a.id.fmt_short(),
+            b.id.fmt_short(),
+            b.id.fmt_short(),
+            a.id.fmt_short()
+        ));
     }
-    Ok(true)
+    let (b_own, a_copy) = (held(&b.store, b.id).await?, held(&a.store, b.id).await?);
+    let b_index = b.store.local_watermark().await.map_err(|e| e.to_string())?.index_id;
+    let upto = match claim.advertised {
+        Some(w) if w.index_id == b_index => w.seq,
+        _ => Seq::ZERO,
+    };
+    if let Some(e) = covers_up_to(upto, &b_own, &a_copy) {
+        return Err(format!(
+            "{}.synced_with({}) is true while, of {}'s records up to its advertised {upto}, it {e}",
+            a.id.fmt_short(),
+            b.id.fmt_short(),
+            b.id.fmt_short()
+        ));
+    }
+    Ok(!compare_records(&b_own, &a_copy).clean())
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use sync_net::fault::{FaultLog, FaultPlan, memory_pair_with_faults};
 use sync_storage::LocalChange;
 use tempfile::TempDir;
 
-use super::check::{View, check_quiesced, synced_implies_equal};
+use super::check::{Claim, View, check_quiesced, synced_implies_equal};
 use super::folders::{self, check_index};
 use super::model::{Model, Prediction};
 use super::ops::{Change, Kind, LinkFault, Op};
@@ -154,10 +154,11 @@ impl<'a> Sim<'a> {
 
     /// Runs `ops` in order, then quiesces and checks. Returns the records compared.
     pub async fn run(&mut self, ops: &[Op]) -> Result<u64, Failure> {
+        let roster = self.roster();
         for (i, op) in ops.iter().enumerate() {
             let fail = |message| Failure {
                 at: Some(i),
-                message,
+                message: format!("{message} [{roster}]"),
             };
             self.step(op).await.map_err(fail)?;
             for k in op.kinds() {
@@ -167,9 +168,21 @@ impl<'a> Sim<'a> {
                 self.probe().await.map_err(fail)?;
             }
         }
-        self.quiesce()
-            .await
-            .map_err(|message| Failure { at: None, message })
+        self.quiesce().await.map_err(|message| Failure {
+            at: None,
+            message: format!("{message} [{roster}]"),
+        })
+    }
+
+    /// Which short id is which device, for messages.
+    fn roster(&self) -> String {
+        let ids: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{i}={}", n.device.id.fmt_short()))
+            .collect();
+        format!("devices {}", ids.join(" "))
     }
 
     async fn step(&mut self, op: &Op) -> Result<(), String> {
@@ -495,23 +508,35 @@ const DIAL_SETTLE: Duration = Duration::from_secs(5);
 /// The checks: after each operation, and after quiescence.
 impl Sim<'_> {
     /// `synced_with` true implies equal libraries, on every pair.
-    async fn probe(&self) -> Result<(), String> {
+    async fn probe(&mut self) -> Result<(), String> {
         for a in 0..self.nodes.len() {
             for b in 0..self.nodes.len() {
-                if a == b {
-                    continue;
+                if a != b {
+                    let claim = self.claim(a, b).await?;
+                    let stale = synced_implies_equal(&self.view(a), &self.view(b), &claim)
+                        .await
+                        .map_err(|e| format!("device {a} of device {b}: {e}"))?;
+                    self.counts.synced_claims += u64::from(claim.synced);
+                    self.counts.synced_stale += u64::from(stale);
                 }
-                let peer = self.nodes[b].device.id;
-                let synced = self.nodes[a]
-                    .device
-                    .engine
-                    .synced_with(peer)
-                    .await
-                    .map_err(msg("synced_with"))?;
-                synced_implies_equal(&self.view(a), &self.view(b), synced).await?;
             }
         }
         Ok(())
+    }
+
+    /// What device `a` says of device `b`.
+    async fn claim(&self, a: usize, b: usize) -> Result<Claim, String> {
+        let engine = &self.nodes[a].device.engine;
+        let peer = self.nodes[b].device.id;
+        let advertised = engine
+            .peers()
+            .await
+            .map_err(msg("peers"))?
+            .into_iter()
+            .find(|p| p.peer == peer)
+            .and_then(|p| p.advertised);
+        let synced = engine.synced_with(peer).await.map_err(msg("synced_with"))?;
+        Ok(Claim { synced, advertised })
     }
 
     /// Links every pair that has none (clean, in memory).

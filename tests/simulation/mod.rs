@@ -121,6 +121,12 @@ pub struct Counts {
     pub fs_skipped: u64,
     /// Records compared after quiescence.
     pub records: u64,
+    /// `synced_with` answers of true seen by the probe.
+    pub synced_claims: u64,
+    /// Of those, answers made while the peer had committed more than it
+    /// had advertised (not a failure: the claim is only as new as the
+    /// peer's last `Watermarks`).
+    pub synced_stale: u64,
     /// Link faults that fired.
     pub fired: Arc<FaultLog>,
     /// Whether mode 000 made folders unreadable here.
@@ -138,13 +144,16 @@ impl Counts {
             .collect();
         format!(
             "simulation: schedules={} ops={} [{}] fs_skipped={} faults_fired[{:?}] \
-             unreadable_effective={} records_compared={} findings={} wall={:.0}s",
+             unreadable_effective={} synced_claims={} (stale {}) records_compared={} \
+             findings={} wall={:.0}s",
             self.schedules,
             self.ops.values().sum::<u64>(),
             ops.join(" "),
             self.fs_skipped,
             self.fired.counts(),
             self.unreadable_effective,
+            self.synced_claims,
+            self.synced_stale,
             self.records,
             self.findings.len(),
             wall.as_secs_f64()
