@@ -198,7 +198,12 @@ pub async fn synced_implies_equal(a: &View, b: &View, claim: &Claim) -> Result<b
         ));
     }
     let (b_own, a_copy) = (held(&b.store, b.id).await?, held(&a.store, b.id).await?);
-    let b_index = b.store.local_watermark().await.map_err(|e| e.to_string())?.index_id;
+    let b_index = b
+        .store
+        .local_watermark()
+        .await
+        .map_err(|e| e.to_string())?
+        .index_id;
     let upto = match claim.advertised {
         Some(w) if w.index_id == b_index => w.seq,
         _ => Seq::ZERO,
@@ -212,6 +217,39 @@ pub async fn synced_implies_equal(a: &View, b: &View, claim: &Claim) -> Result<b
         ));
     }
     Ok(!compare_records(&b_own, &a_copy).clean())
+}
+
+/// Mid-schedule: `replica`'s watermark of `owner` passes no record of
+/// the owner it does not hold. Read in this order (the replica's watermark,
+/// its records, the owner's records) the check is sound while transfers
+/// run: watermarks and records only move forward, and a record the owner
+/// replaced since has a seq above the watermark read.
+pub async fn watermark_holds(owner: &View, replica: &View) -> Result<(), String> {
+    let wm = replica
+        .store
+        .watermark(owner.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(wm) = wm else { return Ok(()) };
+    let copy = held(&replica.store, owner.id).await?;
+    let own = held(&owner.store, owner.id).await?;
+    let index = owner
+        .store
+        .local_watermark()
+        .await
+        .map_err(|e| e.to_string())?
+        .index_id;
+    if wm.index_id != index {
+        return Ok(());
+    }
+    seqs_unique(owner.id, replica.id, &copy)?;
+    watermark_covers(wm.seq, &own, &copy).map_err(|e| {
+        format!(
+            "device {} of owner {}: {e}",
+            replica.id.fmt_short(),
+            owner.id.fmt_short()
+        )
+    })
 }
 
 #[cfg(test)]

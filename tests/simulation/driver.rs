@@ -16,7 +16,7 @@ use sync_net::fault::{FaultLog, FaultPlan, memory_pair_with_faults};
 use sync_storage::LocalChange;
 use tempfile::TempDir;
 
-use super::check::{Claim, View, check_quiesced, synced_implies_equal};
+use super::check::{Claim, View, check_quiesced, synced_implies_equal, watermark_holds};
 use super::folders::{self, check_index};
 use super::model::{Model, Prediction};
 use super::ops::{Change, Kind, LinkFault, Op};
@@ -347,13 +347,16 @@ impl Sim<'_> {
     }
 }
 
+/// What is done to a stopped device's data directory.
+type LibraryEdit<'f> = dyn Fn(&Path) -> std::io::Result<()> + 'f;
+
 /// Restarts, copies and restores.
 impl Sim<'_> {
     /// Stops device `i`, runs `between` on its data directory, starts it.
     async fn restart(
         &mut self,
         i: usize,
-        between: Option<&dyn Fn(&Path) -> std::io::Result<()>>,
+        between: Option<&LibraryEdit<'_>>,
     ) -> Result<(), String> {
         let node = &mut self.nodes[i];
         node.device
@@ -470,7 +473,10 @@ impl Sim<'_> {
         ra.map_err(msg("dial"))?;
         rb.map_err(msg("dial"))?;
         self.links.insert(Self::pair(a, b), LinkState::Dialed);
-        self.wait_session(a, b, DIAL_SETTLE).await
+        self.wait_session(a, b, DIAL_SETTLE).await?;
+        // The session must outlast the replacements both dials cause.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.wait_session(a, b, Duration::ZERO).await
     }
 
     /// Whether `a` lists `b` among its peers and `b` lists `a`.
@@ -512,6 +518,9 @@ impl Sim<'_> {
         for a in 0..self.nodes.len() {
             for b in 0..self.nodes.len() {
                 if a != b {
+                    if !self.model.restored.contains(&self.nodes[a].device.id) {
+                        watermark_holds(&self.view(a), &self.view(b)).await?;
+                    }
                     let claim = self.claim(a, b).await?;
                     let stale = synced_implies_equal(&self.view(a), &self.view(b), &claim)
                         .await

@@ -83,7 +83,7 @@ impl Seen {
 
     /// Whether a strict ancestor of `p` is locked.
     pub fn under_locked(&self, p: &[OsString]) -> bool {
-        (0..p.len()).any(|n| self.locked.contains(&p[..n].to_vec()))
+        (0..p.len()).any(|n| self.locked.contains(&p[..n]))
     }
 }
 

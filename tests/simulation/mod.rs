@@ -49,10 +49,10 @@ use shrink::{Budget, shrink};
 /// Kinds the CI run leaves out while the engine bugs they find are being
 /// fixed (issue 13): empty this list as the fixes land. `SIM_SKIP`
 /// overrides it (`SIM_SKIP=` runs every kind).
-const CI_SKIP: &str = "restore,dial_both,index_concurrent,non_utf8,synced_probe";
+const CI_SKIP: &str = "restore,index_concurrent,non_utf8";
 
 /// Schedules the CI test runs, from seed [`CI_FIRST_SEED`].
-const CI_SCHEDULES: u64 = 12;
+const CI_SCHEDULES: u64 = 20;
 /// The first seed of the CI window.
 const CI_FIRST_SEED: u64 = 1_300;
 
@@ -162,16 +162,19 @@ impl Counts {
 }
 
 /// The command that replays a list.
-fn replay_command(seed: u64, ops: usize, keep: Option<&[usize]>) -> String {
+fn replay_command(seed: u64, config: &SimConfig, keep: Option<&[usize]>) -> String {
     let keep = keep
         .map(|k| {
             let k: Vec<String> = k.iter().map(usize::to_string).collect();
             format!(" SIM_KEEP={}", k.join(","))
         })
         .unwrap_or_default();
+    let skip: Vec<&str> = config.skip.iter().map(|k| k.name()).collect();
     format!(
-        "SIM_SEED={seed} SIM_OPS={ops}{keep} SIM_SKIP= cargo test -p sync-tests --test main \
-         simulation::replay -- --ignored --nocapture"
+        "SIM_SEED={seed} SIM_OPS={}{keep} SIM_SKIP={} cargo test -p sync-tests --test main \
+         simulation::replay -- --ignored --nocapture",
+        config.ops,
+        skip.join(",")
     )
 }
 
@@ -264,13 +267,13 @@ fn report(f: &Finding, config: &SimConfig) {
         f.failure.message,
         f.confirmed.0,
         f.confirmed.1,
-        replay_command(f.seed, config.ops, config.keep.as_deref())
+        replay_command(f.seed, config, config.keep.as_deref())
     );
     if let Some((keep, ops, last)) = &f.shrunk {
         eprintln!(
             "  shrunk to {} ops: {}\n  failing with: {}\n  shrunk ops:",
             ops.len(),
-            replay_command(f.seed, config.ops, Some(keep)),
+            replay_command(f.seed, config, Some(keep)),
             last.message
         );
         for (i, op) in keep.iter().zip(ops) {
