@@ -353,11 +353,7 @@ type LibraryEdit<'f> = dyn Fn(&Path) -> std::io::Result<()> + 'f;
 /// Restarts, copies and restores.
 impl Sim<'_> {
     /// Stops device `i`, runs `between` on its data directory, starts it.
-    async fn restart(
-        &mut self,
-        i: usize,
-        between: Option<&LibraryEdit<'_>>,
-    ) -> Result<(), String> {
+    async fn restart(&mut self, i: usize, between: Option<&LibraryEdit<'_>>) -> Result<(), String> {
         let node = &mut self.nodes[i];
         node.device
             .engine
@@ -476,7 +472,7 @@ impl Sim<'_> {
         self.wait_session(a, b, DIAL_SETTLE).await?;
         // The session must outlast the replacements both dials cause.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        self.wait_session(a, b, Duration::ZERO).await
+        self.wait_session(a, b, Duration::from_millis(100)).await
     }
 
     /// Whether `a` lists `b` among its peers and `b` lists `a`.

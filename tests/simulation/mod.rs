@@ -47,9 +47,11 @@ use ops::{Generator, Kind, Op, Schedule};
 use shrink::{Budget, shrink};
 
 /// Kinds the CI run leaves out while the engine bugs they find are being
-/// fixed (issue 13): empty this list as the fixes land. `SIM_SKIP`
-/// overrides it (`SIM_SKIP=` runs every kind).
-const CI_SKIP: &str = "restore,index_concurrent,non_utf8";
+/// fixed (issue 13): `restore` (item 3, an owner restored from a copy),
+/// `dial_both` (item 5, now and then: no session is left), `index_concurrent`
+/// and `non_utf8` (item 4, duplicated entries and lossy names). Empty this
+/// list as the fixes land. `SIM_SKIP` overrides it (`SIM_SKIP=` runs every kind).
+const CI_SKIP: &str = "restore,dial_both,index_concurrent,non_utf8";
 
 /// Schedules the CI test runs, from seed [`CI_FIRST_SEED`].
 const CI_SCHEDULES: u64 = 20;

@@ -25,6 +25,11 @@ pub const FILE_NAMES: &[&[u8]] = &[
     b"\xc3(",
 ];
 
+/// Whether `FILE_NAMES[name]` is UTF-8 (a rename picks from it for files).
+fn is_utf8(name: usize) -> bool {
+    std::str::from_utf8(FILE_NAMES[name % FILE_NAMES.len()]).is_ok()
+}
+
 /// Folder names for index runs (UTF-8: parents are matched by path).
 pub const DIR_NAMES: &[&str] = &["d1", "d2", "sub", "été"];
 
@@ -434,8 +439,8 @@ impl Op {
             Op::BulkCommit { .. } => vec![Kind::BulkCommit],
             Op::Fs { change, .. } => vec![match change {
                 FsChange::Lock { .. } | FsChange::Unlock { .. } => Kind::Unreadable,
-                FsChange::CreateFile { name, .. }
-                    if std::str::from_utf8(FILE_NAMES[*name % FILE_NAMES.len()]).is_err() =>
+                FsChange::CreateFile { name, .. } | FsChange::Rename { name, .. }
+                    if !is_utf8(*name) =>
                 {
                     Kind::NonUtf8Name
                 }
