@@ -13,5 +13,6 @@ mod hostile_orders;
 mod indexer;
 mod load;
 mod pairing;
+mod simulation;
 mod strategies;
 mod tidy;
