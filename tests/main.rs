@@ -4,6 +4,7 @@
 mod chaos;
 mod correctness;
 mod crash;
+mod dialing;
 mod disk_full;
 mod faults;
 mod harness;

@@ -26,7 +26,9 @@ use crate::indexer::{Commit, IndexPath, Indexer, Progress};
 use crate::peer_session::PeerSession;
 use crate::shared::{Shared, SharedRef};
 use crate::snapshot_exporter::{KEEP_SNAPSHOTS, SnapshotExporter};
-use crate::supervisor::{CloseAll, GetPeers, PeerStatus, Pump, TransferSupervisor, TrustChanged};
+use crate::supervisor::{
+    CloseAll, GetPeers, PeerStatus, Pump, SessionOrigin, TransferSupervisor, TrustChanged,
+};
 
 /// What `status()` reports.
 #[derive(Clone, Debug)]
@@ -117,6 +119,7 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         net,
         events,
         shutdown: CancellationToken::new(),
+        connected: tokio::sync::watch::Sender::new(Default::default()),
         panic_injected: std::sync::atomic::AtomicBool::new(false),
         commits_in_flight: std::sync::atomic::AtomicUsize::new(0),
     });
@@ -238,7 +241,7 @@ impl SyncEngine {
                             _ = shared.shutdown.cancelled() => break,
                             res = listener.accept() => match res {
                                 Ok(conn) => {
-                                    start_session(&shared, &supervisor, &exporter, &generation, conn, None);
+                                    start_session(&shared, &supervisor, &exporter, &generation, conn, SessionOrigin::Accepted, None);
                                 }
                                 Err(e) => {
                                     warn!(cause = %e, "accept failed");
@@ -268,10 +271,20 @@ impl SyncEngine {
             let conn = sync_net::dial(&addr, &shared.net).await?;
             let info = conn.peer.clone();
             let (tx, rx) = oneshot::channel();
-            start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
-            let span = info_span!("redial", addr = %addr);
+            let dialed = SessionOrigin::Dialed;
+            start_session(
+                &shared,
+                &supervisor,
+                &exporter,
+                &generation,
+                conn,
+                dialed,
+                Some(tx),
+            );
+            let span = info_span!("redial", addr = %addr, peer = %info.device.fmt_short());
+            let peer = info.device;
             actix_rt::spawn(
-                redial(shared, supervisor, exporter, generation, addr, rx).instrument(span),
+                redial(shared, supervisor, exporter, generation, addr, peer, rx).instrument(span),
             );
             Ok::<_, EngineError>(info)
         })
@@ -291,7 +304,16 @@ impl SyncEngine {
         let generation = self.inner.generation.clone();
         let (tx, rx) = oneshot::channel();
         self.on_engine(async move {
-            start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
+            let attached = SessionOrigin::Attached;
+            start_session(
+                &shared,
+                &supervisor,
+                &exporter,
+                &generation,
+                conn,
+                attached,
+                Some(tx),
+            );
         })
         .await?;
         Ok(rx)
@@ -443,6 +465,7 @@ fn start_session(
     exporter: &Addr<SnapshotExporter>,
     generation: &AtomicU64,
     conn: Connection,
+    origin: SessionOrigin,
     on_close: Option<oneshot::Sender<Option<String>>>,
 ) {
     let (peer, reader, writer) = conn.split();
@@ -453,6 +476,7 @@ fn start_session(
         reader,
         writer,
         generation,
+        origin,
         supervisor.clone(),
         exporter.clone(),
         on_close,
@@ -462,6 +486,12 @@ fn start_session(
 
 /// Why a session closed when a newer one to the same peer took its place.
 pub(crate) const REPLACED: &str = "replaced by a newer session";
+
+/// Why a session closed when the peer dialed this device while this device
+/// dialed it (or the other way round): both devices keep the connection
+/// dialed by the lower device id (`supervisor::keep_newer`).
+pub(crate) const TIE_LOST: &str =
+    "closed: the peer is connected through the session dialed by the lower device id";
 
 /// How a session closed because its peer's pin was removed begins.
 pub(crate) const REVOKED: &str = "trust revoked";
@@ -498,13 +528,18 @@ async fn watch_trust(shared: SharedRef, supervisor: Addr<TransferSupervisor>) {
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 /// Keeps a dialed peer connected: after each session ends, dials again with
-/// exponential backoff until shutdown.
+/// exponential backoff until shutdown. It stands by, without dialing, while
+/// the peer is connected through another session (the one the lower device
+/// id dialed, when both dial), and dials again once that one ends: a
+/// device that lost the tie-break must not be left with no session and no
+/// loop when the winner stops dialing (its engine restarted, say).
 async fn redial(
     shared: SharedRef,
     supervisor: Addr<TransferSupervisor>,
     exporter: Addr<SnapshotExporter>,
     generation: Arc<AtomicU64>,
     addr: String,
+    mut peer: DeviceId,
     mut closed: oneshot::Receiver<Option<String>>,
 ) {
     let mut attempt = 0u32;
@@ -516,11 +551,11 @@ async fn redial(
         };
         // Only a session that held up resets the backoff: one that fails
         // right away (a full disk, a refusal) must not turn into a busy loop.
-        if since.elapsed() >= STABLE_SESSION {
+        if since.elapsed() >= STABLE_SESSION || cause.as_deref() == Some(TIE_LOST) {
             attempt = 0;
         }
         if cause.as_deref() == Some(REPLACED) {
-            // Another session to this peer took over; its own loop redials.
+            // A newer session this device dialed took over; its own loop redials.
             return;
         }
         if cause.as_deref().is_some_and(|c| c.starts_with(REVOKED)) {
@@ -535,11 +570,31 @@ async fn redial(
                 _ = shared.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
+            match stand_by(&shared, peer).await {
+                StandBy::Shutdown => return,
+                // Connected until a moment ago: back off afresh, so that the
+                // lower id's own redial (if it has one) can come first.
+                StandBy::Waited => {
+                    attempt = 0;
+                    continue;
+                }
+                StandBy::NotConnected => {}
+            }
             match sync_net::dial(&addr, &shared.net).await {
                 Ok(conn) => {
                     info!(attempt, "reconnected");
+                    peer = conn.peer.device;
                     let (tx, rx) = oneshot::channel();
-                    start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
+                    let dialed = SessionOrigin::Dialed;
+                    start_session(
+                        &shared,
+                        &supervisor,
+                        &exporter,
+                        &generation,
+                        conn,
+                        dialed,
+                        Some(tx),
+                    );
                     closed = rx;
                     since = tokio::time::Instant::now();
                     break;
@@ -553,5 +608,28 @@ async fn redial(
                 }
             }
         }
+    }
+}
+
+/// How [`stand_by`] ended.
+enum StandBy {
+    /// The peer had no session: dial it.
+    NotConnected,
+    /// The peer had a session, which has ended since.
+    Waited,
+    /// The engine is stopping.
+    Shutdown,
+}
+
+/// Waits while `peer` has a session (through any connection).
+async fn stand_by(shared: &Shared, peer: DeviceId) -> StandBy {
+    let mut connected = shared.connected.subscribe();
+    if !connected.borrow_and_update().contains(&peer) {
+        return StandBy::NotConnected;
+    }
+    info!("peer connected through another session: standing by");
+    tokio::select! {
+        _ = shared.shutdown.cancelled() => StandBy::Shutdown,
+        _ = connected.wait_for(|peers| !peers.contains(&peer)) => StandBy::Waited,
     }
 }

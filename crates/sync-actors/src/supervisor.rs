@@ -40,12 +40,47 @@ pub(crate) enum Outcome {
     Panicked(String),
 }
 
+/// How a session's connection came to be, seen from this device.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+pub enum SessionOrigin {
+    /// This device dialed the peer (`SyncEngine::connect` and its redials).
+    Dialed,
+    /// The peer dialed this device's listener.
+    Accepted,
+    /// The host handed over a connection (`SyncEngine::attach`).
+    Attached,
+}
+
+/// Which of two live sessions to one peer stays: `true` for the newer.
+///
+/// Two devices that dial each other at once each hold both connections,
+/// and each used to keep its newer one, closing the link the other kept
+/// (then both redial loops stood down: no session at all). Sessions of
+/// opposite directions are therefore settled by a rule both sides compute
+/// alike: the connection dialed by the lower device id stays. Otherwise
+/// the newer session replaces the older (a redial after a silent loss).
+fn keep_newer(me: DeviceId, peer: DeviceId, older: SessionOrigin, newer: SessionOrigin) -> bool {
+    let dialer = if newer == SessionOrigin::Dialed {
+        me
+    } else {
+        peer
+    };
+    !opposite(older, newer) || dialer == me.min(peer)
+}
+
+/// Whether one session was dialed by this device and the other by the peer.
+fn opposite(a: SessionOrigin, b: SessionOrigin) -> bool {
+    use SessionOrigin::{Accepted, Dialed};
+    matches!((a, b), (Dialed, Accepted) | (Accepted, Dialed))
+}
+
 /// A session started (sent by `PeerSession`).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct SessionOpened {
     pub peer: PeerInfo,
     pub generation: u64,
+    pub origin: SessionOrigin,
     pub writer: ConnWriter,
     pub session: Addr<PeerSession>,
 }
@@ -129,6 +164,8 @@ pub struct PeerStatus {
     pub name: String,
     /// Its address.
     pub addr: String,
+    /// Who dialed the session's connection.
+    pub origin: SessionOrigin,
     /// What it holds of this device's records (from its watermarks and acks).
     pub holds_of_me: Option<Watermark>,
     /// Its own sequence and max seq, as it last advertised.
@@ -158,6 +195,7 @@ struct Outgoing {
 struct PeerState {
     info: PeerInfo,
     generation: u64,
+    origin: SessionOrigin,
     writer: ConnWriter,
     session: Option<Addr<PeerSession>>,
     holds_of_me: Option<Watermark>,
@@ -619,22 +657,34 @@ impl Handler<SessionOpened> for TransferSupervisor {
     type Result = ();
     fn handle(&mut self, msg: SessionOpened, _: &mut Context<Self>) {
         let peer = msg.peer.device;
-        if let Some(old) = self.peers.remove(&peer) {
-            // A newer session to the same peer replaces the old one.
-            if let Some(OutKind::Broadcast(addr, _)) = old.outgoing.map(|o| o.kind) {
-                addr.do_send(Cancel);
-            }
-            if let Some(s) = old.session {
-                s.do_send(CloseSession {
-                    cause: Some(crate::engine::REPLACED.into()),
+        let me = self.shared.me();
+        if let Some(old) = self.peers.get(&peer) {
+            let (older, newer) = (old.origin, msg.origin);
+            if !keep_newer(me, peer, older, newer) {
+                info!(
+                    peer = %peer.fmt_short(),
+                    ?older,
+                    ?newer,
+                    "two sessions to one peer: keeping the one the lower device id dialed"
+                );
+                msg.session.do_send(CloseSession {
+                    cause: Some(crate::engine::TIE_LOST.into()),
                 });
+                return;
             }
+            let cause = if opposite(older, newer) {
+                crate::engine::TIE_LOST
+            } else {
+                crate::engine::REPLACED
+            };
+            self.retire(peer, cause);
         }
         self.peers.insert(
             peer,
             PeerState {
                 info: msg.peer,
                 generation: msg.generation,
+                origin: msg.origin,
                 writer: msg.writer,
                 session: Some(msg.session),
                 holds_of_me: None,
@@ -647,8 +697,33 @@ impl Handler<SessionOpened> for TransferSupervisor {
                 revoked: false,
             },
         );
+        self.publish_connected();
         // The pin may have gone between the handshake and now.
         self.revoke_untrusted();
+    }
+}
+
+impl TransferSupervisor {
+    /// Closes `peer`'s current session, which another one replaces, with `cause`.
+    fn retire(&mut self, peer: DeviceId, cause: &str) {
+        let Some(old) = self.peers.remove(&peer) else {
+            return;
+        };
+        if let Some(OutKind::Broadcast(addr, _)) = old.outgoing.map(|o| o.kind) {
+            addr.do_send(Cancel);
+        }
+        if let Some(s) = old.session {
+            s.do_send(CloseSession {
+                cause: Some(cause.into()),
+            });
+        }
+    }
+
+    /// Tells the redial loops which peers have a session now.
+    fn publish_connected(&self) {
+        self.shared
+            .connected
+            .send_replace(self.peers.keys().copied().collect());
     }
 }
 
@@ -709,6 +784,7 @@ impl Handler<SessionClosed> for TransferSupervisor {
         let Some(st) = self.peers.remove(&msg.peer) else {
             return;
         };
+        self.publish_connected();
         if let Some(out) = st.outgoing {
             let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
             self.shared.emit(SyncEvent::TransferFailed {
@@ -933,11 +1009,40 @@ impl Handler<GetPeers> for TransferSupervisor {
                 peer: st.info.device,
                 name: st.info.name.clone(),
                 addr: st.info.addr.clone(),
+                origin: st.origin,
                 holds_of_me: st.holds_of_me,
                 advertised: st.advertised,
                 outgoing: st.outgoing.as_ref().map(|o| (o.transfer, o.strategy)),
                 bytes_sent: st.writer.bytes_sent(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_sides_keep_the_connection_the_lower_id_dialed() {
+        use SessionOrigin::{Accepted, Attached, Dialed};
+        let (lo, hi) = {
+            let (a, b) = (DeviceId::new_v7(), DeviceId::new_v7());
+            (a.min(b), a.max(b))
+        };
+        // The lower id keeps its own dial, whichever opened first.
+        assert!(keep_newer(lo, hi, Accepted, Dialed));
+        assert!(!keep_newer(lo, hi, Dialed, Accepted));
+        // The higher id keeps the one it accepted: the same connection.
+        assert!(keep_newer(hi, lo, Dialed, Accepted));
+        assert!(!keep_newer(hi, lo, Accepted, Dialed));
+        // The same direction (a redial after a silent loss): the newer.
+        for (me, peer) in [(lo, hi), (hi, lo)] {
+            for origin in [Dialed, Accepted, Attached] {
+                assert!(keep_newer(me, peer, origin, origin));
+            }
+            assert!(keep_newer(me, peer, Attached, Dialed));
+            assert!(keep_newer(me, peer, Accepted, Attached));
+        }
     }
 }
