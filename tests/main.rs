@@ -7,6 +7,7 @@ mod crash;
 mod dialing;
 mod disk_full;
 mod faults;
+mod given_up;
 mod harness;
 mod hostile;
 mod hostile_bytes;

@@ -32,4 +32,4 @@ pub use error::EngineError;
 pub use events::{Direction, HostEvent, SyncEvent};
 pub use indexer::Progress;
 pub use indexer::walk::{IndexReport, plan_index};
-pub use supervisor::{PeerStatus, SessionOrigin};
+pub use supervisor::{PeerStatus, SessionOrigin, TransferStatus};

@@ -172,8 +172,72 @@ pub struct PeerStatus {
     pub advertised: Option<Watermark>,
     /// The outgoing transfer, if one runs.
     pub outgoing: Option<(TransferId, Strategy)>,
+    /// What the outgoing transfer is doing (running, backing off, given up).
+    pub transfer: TransferStatus,
     /// Frame bytes written to this peer on this session.
     pub bytes_sent: u64,
+}
+
+/// What a peer's outgoing transfer is doing, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum TransferStatus {
+    /// No transfer runs: the peer is up to date, or its watermarks have not
+    /// arrived yet.
+    Idle,
+    /// A transfer runs.
+    Sending {
+        /// Its id.
+        transfer: TransferId,
+        /// Its strategy.
+        strategy: Strategy,
+        /// Its attempt (1 unless it failed before).
+        attempt: u32,
+        /// The highest seq of this device the peer acknowledged.
+        acked: Seq,
+        /// Records the transfer moves.
+        total: u64,
+    },
+    /// The transfer failed and resumes, from the peer's watermark, after a backoff.
+    Retrying {
+        /// Attempts so far.
+        attempts: u32,
+        /// Why the last one failed.
+        cause: String,
+        /// When it resumes.
+        retry_at: DateTime<Utc>,
+    },
+    /// The transfer failed `attempts` times and was given up; it is planned
+    /// afresh at `retry_at`, or sooner on a commit or a new session.
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the last one failed.
+        cause: String,
+        /// When it is tried again.
+        retry_at: DateTime<Utc>,
+    },
+}
+
+/// The last failure of a peer's outgoing transfer, until another one starts.
+struct Failure {
+    attempts: u32,
+    cause: String,
+    retry_at: DateTime<Utc>,
+    gave_up: bool,
+}
+
+impl Failure {
+    fn new(attempts: u32, cause: String, delay: std::time::Duration, gave_up: bool) -> Self {
+        let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        Failure {
+            attempts,
+            cause,
+            retry_at: Utc::now()
+                .checked_add_signed(delay)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            gave_up,
+        }
+    }
 }
 
 enum OutKind {
@@ -202,11 +266,45 @@ struct PeerState {
     advertised: Option<Watermark>,
     watermarks_seen: bool,
     outgoing: Option<Outgoing>,
+    /// The last failure, until a transfer starts again.
+    failure: Option<Failure>,
     pumping: bool,
     waiting: bool,
     repump: bool,
     /// The peer's pin was removed: nothing more is planned for it.
     revoked: bool,
+}
+
+impl PeerState {
+    /// What the outgoing transfer to this peer is doing.
+    fn transfer_status(&self) -> TransferStatus {
+        if let Some(out) = &self.outgoing {
+            let acked = self
+                .holds_of_me
+                .filter(|h| h.index_id == out.index_id)
+                .map_or(Seq::ZERO, |h| h.seq);
+            return TransferStatus::Sending {
+                transfer: out.transfer,
+                strategy: out.strategy,
+                attempt: out.attempt,
+                acked,
+                total: out.total,
+            };
+        }
+        match &self.failure {
+            None => TransferStatus::Idle,
+            Some(f) if f.gave_up => TransferStatus::GaveUp {
+                attempts: f.attempts,
+                cause: f.cause.clone(),
+                retry_at: f.retry_at,
+            },
+            Some(f) => TransferStatus::Retrying {
+                attempts: f.attempts,
+                cause: f.cause.clone(),
+                retry_at: f.retry_at,
+            },
+        }
+    }
 }
 
 /// What a peer holds after acknowledging `last` of sequence `index_id`.
@@ -337,6 +435,8 @@ impl TransferSupervisor {
                         debug!(peer = %peer.fmt_short(), ?holding, pending, %strategy, "strategy chosen");
                         match strategy {
                             Strategy::UpToDate => {
+                                // Whatever failed before, nothing is missing now.
+                                st.failure = None;
                                 if st.repump {
                                     act.pump(peer, ctx);
                                 }
@@ -439,6 +539,7 @@ impl TransferSupervisor {
             strategy: out.strategy,
             total: out.total,
         });
+        st.failure = None;
         st.outgoing = Some(out);
     }
 
@@ -574,33 +675,71 @@ impl TransferSupervisor {
             direction: Direction::Send,
             will_retry,
             attempt: out.attempt,
-            cause,
+            cause: cause.clone(),
         });
         if will_retry {
-            let delay = self.shared.config.backoff(out.attempt);
-            Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Running);
-            self.resume.insert(peer, (transfer, out.attempt + 1));
-            if let Some(st) = self.peers.get_mut(&peer) {
-                st.waiting = true;
-            }
-            ctx.run_later(delay, move |act, ctx| {
-                if let Some(st) = act.session_state(peer, generation) {
-                    st.waiting = false;
-                    act.pump(peer, ctx);
-                }
-            });
+            self.retry_later(peer, generation, out, acked, cause, ctx);
         } else {
-            Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Failed);
-            // Given up, not forgotten: plan it afresh later, while this
-            // session lives (a new session plans at once anyway).
-            let later = self.shared.config.retry_after_giving_up;
-            ctx.run_later(later, move |act, ctx| {
-                if act.session_state(peer, generation).is_some() {
-                    info!(peer = %peer.fmt_short(), "trying a given-up transfer again");
-                    act.pump(peer, ctx);
-                }
-            });
+            self.give_up(peer, generation, out, acked, cause, ctx);
         }
+    }
+
+    /// Resumes a failed transfer under its id after its backoff.
+    fn retry_later(
+        &mut self,
+        peer: DeviceId,
+        generation: u64,
+        out: Outgoing,
+        acked: Seq,
+        cause: String,
+        ctx: &mut Context<Self>,
+    ) {
+        let delay = self.shared.config.backoff(out.attempt);
+        Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Running);
+        self.resume.insert(peer, (out.transfer, out.attempt + 1));
+        if let Some(st) = self.peers.get_mut(&peer) {
+            st.waiting = true;
+            st.failure = Some(Failure::new(out.attempt, cause, delay, false));
+        }
+        ctx.run_later(delay, move |act, ctx| {
+            if let Some(st) = act.session_state(peer, generation) {
+                st.waiting = false;
+                act.pump(peer, ctx);
+            }
+        });
+    }
+
+    /// Gives a transfer up after its last attempt. Given up, not forgotten:
+    /// it is planned afresh after `retry_after_giving_up` while this
+    /// session lives, since an idle owner commits nothing that would replan
+    /// it and its cause (a full disk, a peer's bug) may be gone by then. A
+    /// commit replans it sooner, and a new session plans at once.
+    fn give_up(
+        &mut self,
+        peer: DeviceId,
+        generation: u64,
+        out: Outgoing,
+        acked: Seq,
+        cause: String,
+        ctx: &mut Context<Self>,
+    ) {
+        Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Failed);
+        let later = self.shared.config.retry_after_giving_up;
+        let failure = Failure::new(out.attempt, cause, later, true);
+        let retry_at = failure.retry_at;
+        if let Some(st) = self.peers.get_mut(&peer) {
+            st.failure = Some(failure);
+        }
+        ctx.run_later(later, move |act, ctx| {
+            let Some(st) = act.session_state(peer, generation) else {
+                return;
+            };
+            // Only if nothing planned it again in the meantime.
+            if st.failure.as_ref().is_some_and(|f| f.retry_at == retry_at) {
+                info!(peer = %peer.fmt_short(), "trying a given-up transfer again");
+                act.pump(peer, ctx);
+            }
+        });
     }
 }
 
@@ -691,6 +830,7 @@ impl Handler<SessionOpened> for TransferSupervisor {
                 advertised: None,
                 watermarks_seen: false,
                 outgoing: None,
+                failure: None,
                 pumping: false,
                 waiting: false,
                 repump: false,
@@ -1013,6 +1153,7 @@ impl Handler<GetPeers> for TransferSupervisor {
                 holds_of_me: st.holds_of_me,
                 advertised: st.advertised,
                 outgoing: st.outgoing.as_ref().map(|o| (o.transfer, o.strategy)),
+                transfer: st.transfer_status(),
                 bytes_sent: st.writer.bytes_sent(),
             })
             .collect()
