@@ -14,5 +14,6 @@ mod hostile_bytes;
 mod hostile_orders;
 mod load;
 mod pairing;
+mod restore;
 mod strategies;
 mod tidy;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_rt::ArbiterHandle;
-use sync_core::{DeviceId, LibraryId, Watermark};
+use sync_core::{DeviceId, LibraryId, Seq, Watermark};
 use sync_net::{CertFingerprint, Connection, Identity, Listener, NetConfig, PeerInfo, TrustStore};
 use sync_storage::{DeviceInfo, LocalChange, OwnerSummary, SeqRange, Store};
 use tokio::sync::{broadcast, oneshot};
@@ -395,9 +395,14 @@ impl SyncEngine {
         };
         let store = self.store();
         let local = store.local_watermark().await?;
-        let they_hold_mine = local.seq.0 == 0
-            || p.holds_of_me
-                .is_some_and(|h| h.index_id == local.index_id && h.seq >= local.seq);
+        // Exactly what this device has: a peer holding more of its current
+        // index (this device went back in time) or rows of another index
+        // is not in sync with it, even when this device holds nothing.
+        let they_hold_mine = match p.holds_of_me {
+            None => local.seq == Seq::ZERO,
+            Some(h) if h.index_id == local.index_id => h.seq == local.seq,
+            Some(h) => h.seq == Seq::ZERO && local.seq == Seq::ZERO,
+        };
         let i_hold_theirs = match p.advertised {
             None => false,
             Some(adv) if adv.seq.0 == 0 => true,

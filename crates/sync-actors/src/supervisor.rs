@@ -325,6 +325,8 @@ pub(crate) struct TransferSupervisor {
     /// The local watermark last seen, to notice commits made by another
     /// process on the same library (e.g. `lsync index` beside `lsync serve`).
     last_local: Option<Watermark>,
+    /// The local IndexId is being restarted: nothing is planned meanwhile.
+    restarting: bool,
 }
 
 impl TransferSupervisor {
@@ -335,6 +337,7 @@ impl TransferSupervisor {
             peers: HashMap::new(),
             resume: HashMap::new(),
             last_local: None,
+            restarting: false,
         }
     }
 
@@ -381,6 +384,7 @@ impl TransferSupervisor {
     }
 
     fn pump(&mut self, peer: DeviceId, ctx: &mut Context<Self>) {
+        let restarting = self.restarting;
         let Some(st) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -393,7 +397,14 @@ impl TransferSupervisor {
         if st.revoked {
             return;
         }
-        if !st.watermarks_seen || st.outgoing.is_some() || st.pumping || st.waiting || committing {
+        // A restart of the local index pumps every peer when it ends.
+        if !st.watermarks_seen
+            || st.outgoing.is_some()
+            || st.pumping
+            || st.waiting
+            || committing
+            || restarting
+        {
             st.repump = true;
             return;
         }
@@ -428,6 +439,9 @@ impl TransferSupervisor {
                         st.repump = false;
                         let delay = act.shared.config.backoff_max;
                         ctx.run_later(delay, move |act, ctx| act.pump(peer, ctx));
+                    }
+                    Ok((local, PeerHolding::UpTo(held), _)) if held > local.seq => {
+                        act.restart_index(peer, held, local, ctx);
                     }
                     Ok((local, holding, pending)) => {
                         let strategy =
@@ -682,6 +696,88 @@ impl TransferSupervisor {
         } else {
             self.give_up(peer, generation, out, acked, cause, ctx);
         }
+    }
+
+    /// `peer` holds seqs of this device's current IndexId above this
+    /// device's own max seq: this device went back in time (a restored
+    /// backup, commits lost to a power loss), and its next commits would
+    /// reuse seqs that name other records on the peer, which "higher seq
+    /// wins" would then keep. A new IndexId (rows and seqs kept) makes
+    /// every peer replace all of this device's rows; then every peer is
+    /// planned afresh. (A peer holding another IndexId with a higher seq
+    /// holds an older index: it is replaced anyway, nothing restarts.)
+    fn restart_index(
+        &mut self,
+        peer: DeviceId,
+        peer_seq: Seq,
+        local: Watermark,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.restarting {
+            return;
+        }
+        self.restarting = true;
+        let store = self.shared.store.clone();
+        ctx.spawn(
+            async move { store.restart_local_index(local.index_id).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    act.restarting = false;
+                    match res {
+                        Ok(new) if new.index_id != local.index_id => {
+                            act.index_restarted(peer, peer_seq, local, new.index_id)
+                        }
+                        // Another restart came first: plan against it.
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(peer = %peer.fmt_short(), cause = %e, "cannot restart the local index");
+                            let delay = act.shared.config.backoff_max;
+                            ctx.run_later(delay, move |act, ctx| act.pump(peer, ctx));
+                            return;
+                        }
+                    }
+                    let peers: Vec<DeviceId> = act.peers.keys().copied().collect();
+                    for p in peers {
+                        act.pump(p, ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Logs and announces a restart of the local index.
+    fn index_restarted(&mut self, peer: DeviceId, peer_seq: Seq, local: Watermark, new: IndexId) {
+        warn!(
+            device = %self.shared.me().fmt_short(),
+            peer = %peer.fmt_short(),
+            old = %local.index_id,
+            new = %new,
+            peer_seq = %peer_seq,
+            local_seq = %local.seq,
+            "this device went back in time (restored library or lost commits): \
+             the peer holds more of its records than it has; new index started, \
+             peers will replace its records"
+        );
+        self.last_local = None;
+        self.shared.emit(SyncEvent::IndexRestarted {
+            old: local.index_id,
+            new,
+            peer,
+            peer_seq,
+            local_seq: local.seq,
+        });
+        // Say so to every peer: what they saw advertised at session start
+        // names the old index, and would never match what they hold again.
+        let writers: Vec<ConnWriter> = self.peers.values().map(|st| st.writer.clone()).collect();
+        let shared = self.shared.clone();
+        actix_rt::spawn(async move {
+            let msg = match shared.watermarks_message().await {
+                Ok(msg) => msg,
+                Err(e) => return warn!(cause = %e, "cannot announce the new index"),
+            };
+            for w in writers {
+                let _ = w.send(msg.clone()).await;
+            }
+        });
     }
 
     /// Resumes a failed transfer under its id after its backoff.
