@@ -6,7 +6,10 @@
 //! up after `max_attempts` with a clear event (and planning it afresh after
 //! `retry_after_giving_up`, since an idle owner commits nothing that would
 //! replan it). A lost link is resumed by the
-//! next session, from the watermark the peer reports.
+//! next session, from the watermark the peer reports. Two sessions to one
+//! peer in opposite directions settle on the one the lower device id
+//! dialed (`keep_newer`); a peer holding more of this device's current
+//! index than it has restarts the index (`restart_index`).
 
 use std::collections::HashMap;
 use std::time::Instant;
