@@ -4,8 +4,10 @@
 mod chaos;
 mod correctness;
 mod crash;
+mod dialing;
 mod disk_full;
 mod faults;
+mod given_up;
 mod harness;
 mod hostile;
 mod hostile_bytes;
@@ -13,6 +15,7 @@ mod hostile_orders;
 mod indexer;
 mod load;
 mod pairing;
+mod restore;
 mod simulation;
 mod strategies;
 mod tidy;

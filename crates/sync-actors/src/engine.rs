@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_rt::ArbiterHandle;
-use sync_core::{DeviceId, LibraryId, Watermark};
+use sync_core::{DeviceId, LibraryId, Seq, Watermark};
 use sync_net::{CertFingerprint, Connection, Identity, Listener, NetConfig, PeerInfo, TrustStore};
 use sync_storage::{DeviceInfo, DirLock, LocalChange, OwnerSummary, SeqRange, Store};
 use tokio::sync::{broadcast, oneshot};
@@ -26,7 +26,9 @@ use crate::indexer::{Commit, IndexPath, Indexer, Progress};
 use crate::peer_session::PeerSession;
 use crate::shared::{Shared, SharedRef};
 use crate::snapshot_exporter::{KEEP_SNAPSHOTS, SnapshotExporter};
-use crate::supervisor::{CloseAll, GetPeers, PeerStatus, Pump, TransferSupervisor, TrustChanged};
+use crate::supervisor::{
+    CloseAll, GetPeers, PeerStatus, Pump, SessionOrigin, TransferSupervisor, TrustChanged,
+};
 
 /// What `status()` reports.
 #[derive(Clone, Debug)]
@@ -119,6 +121,7 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         net,
         events,
         shutdown: CancellationToken::new(),
+        connected: tokio::sync::watch::Sender::new(Default::default()),
         panic_injected: std::sync::atomic::AtomicBool::new(false),
         commits_in_flight: std::sync::atomic::AtomicUsize::new(0),
     });
@@ -247,7 +250,7 @@ impl SyncEngine {
                             _ = shared.shutdown.cancelled() => break,
                             res = listener.accept() => match res {
                                 Ok(conn) => {
-                                    start_session(&shared, &supervisor, &exporter, &generation, conn, None);
+                                    start_session(&shared, &supervisor, &exporter, &generation, conn, SessionOrigin::Accepted, None);
                                 }
                                 Err(e) => {
                                     warn!(cause = %e, "accept failed");
@@ -277,10 +280,20 @@ impl SyncEngine {
             let conn = sync_net::dial(&addr, &shared.net).await?;
             let info = conn.peer.clone();
             let (tx, rx) = oneshot::channel();
-            start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
-            let span = info_span!("redial", addr = %addr);
+            let dialed = SessionOrigin::Dialed;
+            start_session(
+                &shared,
+                &supervisor,
+                &exporter,
+                &generation,
+                conn,
+                dialed,
+                Some(tx),
+            );
+            let span = info_span!("redial", addr = %addr, peer = %info.device.fmt_short());
+            let peer = info.device;
             actix_rt::spawn(
-                redial(shared, supervisor, exporter, generation, addr, rx).instrument(span),
+                redial(shared, supervisor, exporter, generation, addr, peer, rx).instrument(span),
             );
             Ok::<_, EngineError>(info)
         })
@@ -300,7 +313,16 @@ impl SyncEngine {
         let generation = self.inner.generation.clone();
         let (tx, rx) = oneshot::channel();
         self.on_engine(async move {
-            start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
+            let attached = SessionOrigin::Attached;
+            start_session(
+                &shared,
+                &supervisor,
+                &exporter,
+                &generation,
+                conn,
+                attached,
+                Some(tx),
+            );
         })
         .await?;
         Ok(rx)
@@ -382,9 +404,14 @@ impl SyncEngine {
         };
         let store = self.store();
         let local = store.local_watermark().await?;
-        let they_hold_mine = local.seq.0 == 0
-            || p.holds_of_me
-                .is_some_and(|h| h.index_id == local.index_id && h.seq >= local.seq);
+        // Exactly what this device has: a peer holding more of its current
+        // index (this device went back in time) or rows of another index
+        // is not in sync with it, even when this device holds nothing.
+        let they_hold_mine = match p.holds_of_me {
+            None => local.seq == Seq::ZERO,
+            Some(h) if h.index_id == local.index_id => h.seq == local.seq,
+            Some(h) => h.seq == Seq::ZERO && local.seq == Seq::ZERO,
+        };
         let i_hold_theirs = match p.advertised {
             None => false,
             Some(adv) if adv.seq.0 == 0 => true,
@@ -454,6 +481,7 @@ fn start_session(
     exporter: &Addr<SnapshotExporter>,
     generation: &AtomicU64,
     conn: Connection,
+    origin: SessionOrigin,
     on_close: Option<oneshot::Sender<Option<String>>>,
 ) {
     let (peer, reader, writer) = conn.split();
@@ -464,6 +492,7 @@ fn start_session(
         reader,
         writer,
         generation,
+        origin,
         supervisor.clone(),
         exporter.clone(),
         on_close,
@@ -473,6 +502,12 @@ fn start_session(
 
 /// Why a session closed when a newer one to the same peer took its place.
 pub(crate) const REPLACED: &str = "replaced by a newer session";
+
+/// Why a session closed when the peer dialed this device while this device
+/// dialed it (or the other way round): both devices keep the connection
+/// dialed by the lower device id (`supervisor::keep_newer`).
+pub(crate) const TIE_LOST: &str =
+    "closed: the peer is connected through the session dialed by the lower device id";
 
 /// How a session closed because its peer's pin was removed begins.
 pub(crate) const REVOKED: &str = "trust revoked";
@@ -509,13 +544,18 @@ async fn watch_trust(shared: SharedRef, supervisor: Addr<TransferSupervisor>) {
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 /// Keeps a dialed peer connected: after each session ends, dials again with
-/// exponential backoff until shutdown.
+/// exponential backoff until shutdown. It stands by, without dialing, while
+/// the peer is connected through another session (the one the lower device
+/// id dialed, when both dial), and dials again once that one ends: a
+/// device that lost the tie-break must not be left with no session and no
+/// loop when the winner stops dialing (its engine restarted, say).
 async fn redial(
     shared: SharedRef,
     supervisor: Addr<TransferSupervisor>,
     exporter: Addr<SnapshotExporter>,
     generation: Arc<AtomicU64>,
     addr: String,
+    mut peer: DeviceId,
     mut closed: oneshot::Receiver<Option<String>>,
 ) {
     let mut attempt = 0u32;
@@ -527,11 +567,11 @@ async fn redial(
         };
         // Only a session that held up resets the backoff: one that fails
         // right away (a full disk, a refusal) must not turn into a busy loop.
-        if since.elapsed() >= STABLE_SESSION {
+        if since.elapsed() >= STABLE_SESSION || cause.as_deref() == Some(TIE_LOST) {
             attempt = 0;
         }
         if cause.as_deref() == Some(REPLACED) {
-            // Another session to this peer took over; its own loop redials.
+            // A newer session this device dialed took over; its own loop redials.
             return;
         }
         if cause.as_deref().is_some_and(|c| c.starts_with(REVOKED)) {
@@ -546,11 +586,31 @@ async fn redial(
                 _ = shared.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
+            match stand_by(&shared, peer).await {
+                StandBy::Shutdown => return,
+                // Connected until a moment ago: back off afresh, so that the
+                // lower id's own redial (if it has one) can come first.
+                StandBy::Waited => {
+                    attempt = 0;
+                    continue;
+                }
+                StandBy::NotConnected => {}
+            }
             match sync_net::dial(&addr, &shared.net).await {
                 Ok(conn) => {
                     info!(attempt, "reconnected");
+                    peer = conn.peer.device;
                     let (tx, rx) = oneshot::channel();
-                    start_session(&shared, &supervisor, &exporter, &generation, conn, Some(tx));
+                    let dialed = SessionOrigin::Dialed;
+                    start_session(
+                        &shared,
+                        &supervisor,
+                        &exporter,
+                        &generation,
+                        conn,
+                        dialed,
+                        Some(tx),
+                    );
                     closed = rx;
                     since = tokio::time::Instant::now();
                     break;
@@ -564,5 +624,28 @@ async fn redial(
                 }
             }
         }
+    }
+}
+
+/// How [`stand_by`] ended.
+enum StandBy {
+    /// The peer had no session: dial it.
+    NotConnected,
+    /// The peer had a session, which has ended since.
+    Waited,
+    /// The engine is stopping.
+    Shutdown,
+}
+
+/// Waits while `peer` has a session (through any connection).
+async fn stand_by(shared: &Shared, peer: DeviceId) -> StandBy {
+    let mut connected = shared.connected.subscribe();
+    if !connected.borrow_and_update().contains(&peer) {
+        return StandBy::NotConnected;
+    }
+    info!("peer connected through another session: standing by");
+    tokio::select! {
+        _ = shared.shutdown.cancelled() => StandBy::Shutdown,
+        _ = connected.wait_for(|peers| !peers.contains(&peer)) => StandBy::Waited,
     }
 }

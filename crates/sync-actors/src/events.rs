@@ -2,7 +2,7 @@
 //! Data never travels on the bus, so an observer that lags loses nothing.
 
 use serde::Serialize;
-use sync_core::{DeviceId, LocationId, Seq, SnapshotId, Strategy, TransferId, Watermark};
+use sync_core::{DeviceId, IndexId, LocationId, Seq, SnapshotId, Strategy, TransferId, Watermark};
 use sync_net::CertFingerprint;
 
 /// Which way a transfer moves records, seen from this device.
@@ -98,6 +98,23 @@ pub enum SyncEvent {
         first: Seq,
         /// Last seq stamped.
         last: Seq,
+    },
+    /// This device went back in time (its library was restored from a
+    /// backup, or lost commits to a power loss): a peer holds more of its
+    /// records, under its current IndexId, than it has. It restarted its
+    /// IndexId (rows and seqs kept), so every peer replaces all its rows
+    /// rather than keep old records under seqs that now name others.
+    IndexRestarted {
+        /// The IndexId given up.
+        old: IndexId,
+        /// The new IndexId.
+        new: IndexId,
+        /// The peer that showed it.
+        peer: DeviceId,
+        /// The seq of `old` the peer holds.
+        peer_seq: Seq,
+        /// This device's max seq.
+        local_seq: Seq,
     },
     /// A transfer started.
     TransferStarted {

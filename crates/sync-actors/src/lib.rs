@@ -32,4 +32,4 @@ pub use error::EngineError;
 pub use events::{Direction, HostEvent, SyncEvent};
 pub use indexer::Progress;
 pub use indexer::walk::{IndexReport, Unreadable, UnreadablePaths, plan_index, plan_index_with};
-pub use supervisor::PeerStatus;
+pub use supervisor::{PeerStatus, SessionOrigin, TransferStatus};

@@ -19,7 +19,8 @@ use crate::events::SyncEvent;
 use crate::shared::SharedRef;
 use crate::snapshot_exporter::{ServeChunks, SnapshotExporter};
 use crate::supervisor::{
-    AckReceived, FetchReceived, PeerWatermarks, SessionClosed, SessionOpened, TransferSupervisor,
+    AckReceived, FetchReceived, PeerWatermarks, SessionClosed, SessionOpened, SessionOrigin,
+    TransferSupervisor,
 };
 
 /// The job receiving the peer's records ended (`cause` is `None` when it
@@ -57,6 +58,7 @@ pub(crate) struct PeerSession {
     shared: SharedRef,
     peer: PeerInfo,
     generation: u64,
+    origin: SessionOrigin,
     writer: ConnWriter,
     reader: Option<ConnReader>,
     supervisor: Addr<TransferSupervisor>,
@@ -78,15 +80,18 @@ impl PeerSession {
         reader: ConnReader,
         writer: ConnWriter,
         generation: u64,
+        origin: SessionOrigin,
         supervisor: Addr<TransferSupervisor>,
         exporter: Addr<SnapshotExporter>,
         on_close: Option<oneshot::Sender<Option<String>>>,
     ) -> Self {
-        let span = info_span!("session", peer = %peer.device.fmt_short(), addr = %peer.addr);
+        let span =
+            info_span!("session", peer = %peer.device.fmt_short(), addr = %peer.addr, ?origin);
         PeerSession {
             shared,
             peer,
             generation,
+            origin,
             writer,
             reader: Some(reader),
             supervisor,
@@ -140,6 +145,7 @@ impl Actor for PeerSession {
         self.supervisor.do_send(SessionOpened {
             peer: self.peer.clone(),
             generation: self.generation,
+            origin: self.origin,
             writer: self.writer.clone(),
             session: ctx.address(),
         });

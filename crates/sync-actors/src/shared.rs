@@ -1,12 +1,13 @@
 //! State shared by every actor of one engine: the store, the device, the
 //! configuration, the event bus and the shutdown signal.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use sync_core::{DeviceId, Message};
 use sync_net::NetConfig;
 use sync_storage::{DeviceInfo, Store};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EngineConfig;
@@ -21,6 +22,9 @@ pub(crate) struct Shared {
     pub net: NetConfig,
     pub events: broadcast::Sender<SyncEvent>,
     pub shutdown: CancellationToken,
+    /// The peers with a session now (kept by the supervisor), so that a
+    /// redial loop stands by while its peer is connected another way.
+    pub connected: watch::Sender<HashSet<DeviceId>>,
     /// Commits of this engine in progress: a bulk commit spans several
     /// transactions, and planning a transfer in the middle would pick a
     /// strategy for a fraction of it.

@@ -6,7 +6,10 @@
 //! up after `max_attempts` with a clear event (and planning it afresh after
 //! `retry_after_giving_up`, since an idle owner commits nothing that would
 //! replan it). A lost link is resumed by the
-//! next session, from the watermark the peer reports.
+//! next session, from the watermark the peer reports. Two sessions to one
+//! peer in opposite directions settle on the one the lower device id
+//! dialed (`keep_newer`); a peer holding more of this device's current
+//! index than it has restarts the index (`restart_index`).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -40,12 +43,47 @@ pub(crate) enum Outcome {
     Panicked(String),
 }
 
+/// How a session's connection came to be, seen from this device.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+pub enum SessionOrigin {
+    /// This device dialed the peer (`SyncEngine::connect` and its redials).
+    Dialed,
+    /// The peer dialed this device's listener.
+    Accepted,
+    /// The host handed over a connection (`SyncEngine::attach`).
+    Attached,
+}
+
+/// Which of two live sessions to one peer stays: `true` for the newer.
+///
+/// Two devices that dial each other at once each hold both connections,
+/// and each used to keep its newer one, closing the link the other kept
+/// (then both redial loops stood down: no session at all). Sessions of
+/// opposite directions are therefore settled by a rule both sides compute
+/// alike: the connection dialed by the lower device id stays. Otherwise
+/// the newer session replaces the older (a redial after a silent loss).
+fn keep_newer(me: DeviceId, peer: DeviceId, older: SessionOrigin, newer: SessionOrigin) -> bool {
+    let dialer = if newer == SessionOrigin::Dialed {
+        me
+    } else {
+        peer
+    };
+    !opposite(older, newer) || dialer == me.min(peer)
+}
+
+/// Whether one session was dialed by this device and the other by the peer.
+fn opposite(a: SessionOrigin, b: SessionOrigin) -> bool {
+    use SessionOrigin::{Accepted, Dialed};
+    matches!((a, b), (Dialed, Accepted) | (Accepted, Dialed))
+}
+
 /// A session started (sent by `PeerSession`).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct SessionOpened {
     pub peer: PeerInfo,
     pub generation: u64,
+    pub origin: SessionOrigin,
     pub writer: ConnWriter,
     pub session: Addr<PeerSession>,
 }
@@ -129,14 +167,80 @@ pub struct PeerStatus {
     pub name: String,
     /// Its address.
     pub addr: String,
+    /// Who dialed the session's connection.
+    pub origin: SessionOrigin,
     /// What it holds of this device's records (from its watermarks and acks).
     pub holds_of_me: Option<Watermark>,
     /// Its own sequence and max seq, as it last advertised.
     pub advertised: Option<Watermark>,
     /// The outgoing transfer, if one runs.
     pub outgoing: Option<(TransferId, Strategy)>,
+    /// What the outgoing transfer is doing (running, backing off, given up).
+    pub transfer: TransferStatus,
     /// Frame bytes written to this peer on this session.
     pub bytes_sent: u64,
+}
+
+/// What a peer's outgoing transfer is doing, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum TransferStatus {
+    /// No transfer runs: the peer is up to date, or its watermarks have not
+    /// arrived yet.
+    Idle,
+    /// A transfer runs.
+    Sending {
+        /// Its id.
+        transfer: TransferId,
+        /// Its strategy.
+        strategy: Strategy,
+        /// Its attempt (1 unless it failed before).
+        attempt: u32,
+        /// The highest seq of this device the peer acknowledged.
+        acked: Seq,
+        /// Records the transfer moves.
+        total: u64,
+    },
+    /// The transfer failed and resumes, from the peer's watermark, after a backoff.
+    Retrying {
+        /// Attempts so far.
+        attempts: u32,
+        /// Why the last one failed.
+        cause: String,
+        /// When it resumes.
+        retry_at: DateTime<Utc>,
+    },
+    /// The transfer failed `attempts` times and was given up; it is planned
+    /// afresh at `retry_at`, or sooner on a commit or a new session.
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// Why the last one failed.
+        cause: String,
+        /// When it is tried again.
+        retry_at: DateTime<Utc>,
+    },
+}
+
+/// The last failure of a peer's outgoing transfer, until another one starts.
+struct Failure {
+    attempts: u32,
+    cause: String,
+    retry_at: DateTime<Utc>,
+    gave_up: bool,
+}
+
+impl Failure {
+    fn new(attempts: u32, cause: String, delay: std::time::Duration, gave_up: bool) -> Self {
+        let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        Failure {
+            attempts,
+            cause,
+            retry_at: Utc::now()
+                .checked_add_signed(delay)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            gave_up,
+        }
+    }
 }
 
 enum OutKind {
@@ -158,17 +262,52 @@ struct Outgoing {
 struct PeerState {
     info: PeerInfo,
     generation: u64,
+    origin: SessionOrigin,
     writer: ConnWriter,
     session: Option<Addr<PeerSession>>,
     holds_of_me: Option<Watermark>,
     advertised: Option<Watermark>,
     watermarks_seen: bool,
     outgoing: Option<Outgoing>,
+    /// The last failure, until a transfer starts again.
+    failure: Option<Failure>,
     pumping: bool,
     waiting: bool,
     repump: bool,
     /// The peer's pin was removed: nothing more is planned for it.
     revoked: bool,
+}
+
+impl PeerState {
+    /// What the outgoing transfer to this peer is doing.
+    fn transfer_status(&self) -> TransferStatus {
+        if let Some(out) = &self.outgoing {
+            let acked = self
+                .holds_of_me
+                .filter(|h| h.index_id == out.index_id)
+                .map_or(Seq::ZERO, |h| h.seq);
+            return TransferStatus::Sending {
+                transfer: out.transfer,
+                strategy: out.strategy,
+                attempt: out.attempt,
+                acked,
+                total: out.total,
+            };
+        }
+        match &self.failure {
+            None => TransferStatus::Idle,
+            Some(f) if f.gave_up => TransferStatus::GaveUp {
+                attempts: f.attempts,
+                cause: f.cause.clone(),
+                retry_at: f.retry_at,
+            },
+            Some(f) => TransferStatus::Retrying {
+                attempts: f.attempts,
+                cause: f.cause.clone(),
+                retry_at: f.retry_at,
+            },
+        }
+    }
 }
 
 /// What a peer holds after acknowledging `last` of sequence `index_id`.
@@ -189,6 +328,8 @@ pub(crate) struct TransferSupervisor {
     /// The local watermark last seen, to notice commits made by another
     /// process on the same library (e.g. `lsync index` beside `lsync serve`).
     last_local: Option<Watermark>,
+    /// The local IndexId is being restarted: nothing is planned meanwhile.
+    restarting: bool,
 }
 
 impl TransferSupervisor {
@@ -199,6 +340,7 @@ impl TransferSupervisor {
             peers: HashMap::new(),
             resume: HashMap::new(),
             last_local: None,
+            restarting: false,
         }
     }
 
@@ -245,6 +387,7 @@ impl TransferSupervisor {
     }
 
     fn pump(&mut self, peer: DeviceId, ctx: &mut Context<Self>) {
+        let restarting = self.restarting;
         let Some(st) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -257,7 +400,14 @@ impl TransferSupervisor {
         if st.revoked {
             return;
         }
-        if !st.watermarks_seen || st.outgoing.is_some() || st.pumping || st.waiting || committing {
+        // A restart of the local index pumps every peer when it ends.
+        if !st.watermarks_seen
+            || st.outgoing.is_some()
+            || st.pumping
+            || st.waiting
+            || committing
+            || restarting
+        {
             st.repump = true;
             return;
         }
@@ -293,12 +443,17 @@ impl TransferSupervisor {
                         let delay = act.shared.config.backoff_max;
                         ctx.run_later(delay, move |act, ctx| act.pump(peer, ctx));
                     }
+                    Ok((local, PeerHolding::UpTo(held), _)) if held > local.seq => {
+                        act.restart_index(peer, held, local, ctx);
+                    }
                     Ok((local, holding, pending)) => {
                         let strategy =
                             choose_strategy(holding, pending, &thresholds);
                         debug!(peer = %peer.fmt_short(), ?holding, pending, %strategy, "strategy chosen");
                         match strategy {
                             Strategy::UpToDate => {
+                                // Whatever failed before, nothing is missing now.
+                                st.failure = None;
                                 if st.repump {
                                     act.pump(peer, ctx);
                                 }
@@ -401,6 +556,7 @@ impl TransferSupervisor {
             strategy: out.strategy,
             total: out.total,
         });
+        st.failure = None;
         st.outgoing = Some(out);
     }
 
@@ -536,33 +692,153 @@ impl TransferSupervisor {
             direction: Direction::Send,
             will_retry,
             attempt: out.attempt,
-            cause,
+            cause: cause.clone(),
         });
         if will_retry {
-            let delay = self.shared.config.backoff(out.attempt);
-            Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Running);
-            self.resume.insert(peer, (transfer, out.attempt + 1));
-            if let Some(st) = self.peers.get_mut(&peer) {
-                st.waiting = true;
-            }
-            ctx.run_later(delay, move |act, ctx| {
-                if let Some(st) = act.session_state(peer, generation) {
-                    st.waiting = false;
-                    act.pump(peer, ctx);
-                }
-            });
+            self.retry_later(peer, generation, out, acked, cause, ctx);
         } else {
-            Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Failed);
-            // Given up, not forgotten: plan it afresh later, while this
-            // session lives (a new session plans at once anyway).
-            let later = self.shared.config.retry_after_giving_up;
-            ctx.run_later(later, move |act, ctx| {
-                if act.session_state(peer, generation).is_some() {
-                    info!(peer = %peer.fmt_short(), "trying a given-up transfer again");
-                    act.pump(peer, ctx);
-                }
-            });
+            self.give_up(peer, generation, out, acked, cause, ctx);
         }
+    }
+
+    /// `peer` holds seqs of this device's current IndexId above this
+    /// device's own max seq: this device went back in time (a restored
+    /// backup, commits lost to a power loss), and its next commits would
+    /// reuse seqs that name other records on the peer, which "higher seq
+    /// wins" would then keep. A new IndexId (rows and seqs kept) makes
+    /// every peer replace all of this device's rows; then every peer is
+    /// planned afresh. (A peer holding another IndexId with a higher seq
+    /// holds an older index: it is replaced anyway, nothing restarts.)
+    fn restart_index(
+        &mut self,
+        peer: DeviceId,
+        peer_seq: Seq,
+        local: Watermark,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.restarting {
+            return;
+        }
+        self.restarting = true;
+        let store = self.shared.store.clone();
+        ctx.spawn(
+            async move { store.restart_local_index(local.index_id).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    act.restarting = false;
+                    match res {
+                        Ok(new) if new.index_id != local.index_id => {
+                            act.index_restarted(peer, peer_seq, local, new.index_id)
+                        }
+                        // Another restart came first: plan against it.
+                        Ok(_) => {}
+                        Err(e) => {
+                            warn!(peer = %peer.fmt_short(), cause = %e, "cannot restart the local index");
+                            let delay = act.shared.config.backoff_max;
+                            ctx.run_later(delay, move |act, ctx| act.pump(peer, ctx));
+                            return;
+                        }
+                    }
+                    let peers: Vec<DeviceId> = act.peers.keys().copied().collect();
+                    for p in peers {
+                        act.pump(p, ctx);
+                    }
+                }),
+        );
+    }
+
+    /// Logs and announces a restart of the local index.
+    fn index_restarted(&mut self, peer: DeviceId, peer_seq: Seq, local: Watermark, new: IndexId) {
+        warn!(
+            device = %self.shared.me().fmt_short(),
+            peer = %peer.fmt_short(),
+            old = %local.index_id,
+            new = %new,
+            peer_seq = %peer_seq,
+            local_seq = %local.seq,
+            "this device went back in time (restored library or lost commits): \
+             the peer holds more of its records than it has; new index started, \
+             peers will replace its records"
+        );
+        self.last_local = None;
+        self.shared.emit(SyncEvent::IndexRestarted {
+            old: local.index_id,
+            new,
+            peer,
+            peer_seq,
+            local_seq: local.seq,
+        });
+        // Say so to every peer: what they saw advertised at session start
+        // names the old index, and would never match what they hold again.
+        let writers: Vec<ConnWriter> = self.peers.values().map(|st| st.writer.clone()).collect();
+        let shared = self.shared.clone();
+        actix_rt::spawn(async move {
+            let msg = match shared.watermarks_message().await {
+                Ok(msg) => msg,
+                Err(e) => return warn!(cause = %e, "cannot announce the new index"),
+            };
+            for w in writers {
+                let _ = w.send(msg.clone()).await;
+            }
+        });
+    }
+
+    /// Resumes a failed transfer under its id after its backoff.
+    fn retry_later(
+        &mut self,
+        peer: DeviceId,
+        generation: u64,
+        out: Outgoing,
+        acked: Seq,
+        cause: String,
+        ctx: &mut Context<Self>,
+    ) {
+        let delay = self.shared.config.backoff(out.attempt);
+        Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Running);
+        self.resume.insert(peer, (out.transfer, out.attempt + 1));
+        if let Some(st) = self.peers.get_mut(&peer) {
+            st.waiting = true;
+            st.failure = Some(Failure::new(out.attempt, cause, delay, false));
+        }
+        ctx.run_later(delay, move |act, ctx| {
+            if let Some(st) = act.session_state(peer, generation) {
+                st.waiting = false;
+                act.pump(peer, ctx);
+            }
+        });
+    }
+
+    /// Gives a transfer up after its last attempt. Given up, not forgotten:
+    /// it is planned afresh after `retry_after_giving_up` while this
+    /// session lives, since an idle owner commits nothing that would replan
+    /// it and its cause (a full disk, a peer's bug) may be gone by then. A
+    /// commit replans it sooner, and a new session plans at once.
+    fn give_up(
+        &mut self,
+        peer: DeviceId,
+        generation: u64,
+        out: Outgoing,
+        acked: Seq,
+        cause: String,
+        ctx: &mut Context<Self>,
+    ) {
+        Self::save_checkpoint(&self.shared, peer, &out, acked, TransferState::Failed);
+        let later = self.shared.config.retry_after_giving_up;
+        let failure = Failure::new(out.attempt, cause, later, true);
+        let retry_at = failure.retry_at;
+        if let Some(st) = self.peers.get_mut(&peer) {
+            st.failure = Some(failure);
+        }
+        ctx.run_later(later, move |act, ctx| {
+            let Some(st) = act.session_state(peer, generation) else {
+                return;
+            };
+            // Only if nothing planned it again in the meantime.
+            if st.failure.as_ref().is_some_and(|f| f.retry_at == retry_at) {
+                info!(peer = %peer.fmt_short(), "trying a given-up transfer again");
+                act.pump(peer, ctx);
+            }
+        });
     }
 }
 
@@ -619,36 +895,74 @@ impl Handler<SessionOpened> for TransferSupervisor {
     type Result = ();
     fn handle(&mut self, msg: SessionOpened, _: &mut Context<Self>) {
         let peer = msg.peer.device;
-        if let Some(old) = self.peers.remove(&peer) {
-            // A newer session to the same peer replaces the old one.
-            if let Some(OutKind::Broadcast(addr, _)) = old.outgoing.map(|o| o.kind) {
-                addr.do_send(Cancel);
-            }
-            if let Some(s) = old.session {
-                s.do_send(CloseSession {
-                    cause: Some(crate::engine::REPLACED.into()),
+        let me = self.shared.me();
+        if let Some(old) = self.peers.get(&peer) {
+            let (older, newer) = (old.origin, msg.origin);
+            if !keep_newer(me, peer, older, newer) {
+                info!(
+                    peer = %peer.fmt_short(),
+                    ?older,
+                    ?newer,
+                    "two sessions to one peer: keeping the one the lower device id dialed"
+                );
+                msg.session.do_send(CloseSession {
+                    cause: Some(crate::engine::TIE_LOST.into()),
                 });
+                return;
             }
+            let cause = if opposite(older, newer) {
+                crate::engine::TIE_LOST
+            } else {
+                crate::engine::REPLACED
+            };
+            self.retire(peer, cause);
         }
         self.peers.insert(
             peer,
             PeerState {
                 info: msg.peer,
                 generation: msg.generation,
+                origin: msg.origin,
                 writer: msg.writer,
                 session: Some(msg.session),
                 holds_of_me: None,
                 advertised: None,
                 watermarks_seen: false,
                 outgoing: None,
+                failure: None,
                 pumping: false,
                 waiting: false,
                 repump: false,
                 revoked: false,
             },
         );
+        self.publish_connected();
         // The pin may have gone between the handshake and now.
         self.revoke_untrusted();
+    }
+}
+
+impl TransferSupervisor {
+    /// Closes `peer`'s current session, which another one replaces, with `cause`.
+    fn retire(&mut self, peer: DeviceId, cause: &str) {
+        let Some(old) = self.peers.remove(&peer) else {
+            return;
+        };
+        if let Some(OutKind::Broadcast(addr, _)) = old.outgoing.map(|o| o.kind) {
+            addr.do_send(Cancel);
+        }
+        if let Some(s) = old.session {
+            s.do_send(CloseSession {
+                cause: Some(cause.into()),
+            });
+        }
+    }
+
+    /// Tells the redial loops which peers have a session now.
+    fn publish_connected(&self) {
+        self.shared
+            .connected
+            .send_replace(self.peers.keys().copied().collect());
     }
 }
 
@@ -709,6 +1023,7 @@ impl Handler<SessionClosed> for TransferSupervisor {
         let Some(st) = self.peers.remove(&msg.peer) else {
             return;
         };
+        self.publish_connected();
         if let Some(out) = st.outgoing {
             let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
             self.shared.emit(SyncEvent::TransferFailed {
@@ -933,11 +1248,41 @@ impl Handler<GetPeers> for TransferSupervisor {
                 peer: st.info.device,
                 name: st.info.name.clone(),
                 addr: st.info.addr.clone(),
+                origin: st.origin,
                 holds_of_me: st.holds_of_me,
                 advertised: st.advertised,
                 outgoing: st.outgoing.as_ref().map(|o| (o.transfer, o.strategy)),
+                transfer: st.transfer_status(),
                 bytes_sent: st.writer.bytes_sent(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_sides_keep_the_connection_the_lower_id_dialed() {
+        use SessionOrigin::{Accepted, Attached, Dialed};
+        let (lo, hi) = {
+            let (a, b) = (DeviceId::new_v7(), DeviceId::new_v7());
+            (a.min(b), a.max(b))
+        };
+        // The lower id keeps its own dial, whichever opened first.
+        assert!(keep_newer(lo, hi, Accepted, Dialed));
+        assert!(!keep_newer(lo, hi, Dialed, Accepted));
+        // The higher id keeps the one it accepted: the same connection.
+        assert!(keep_newer(hi, lo, Dialed, Accepted));
+        assert!(!keep_newer(hi, lo, Accepted, Dialed));
+        // The same direction (a redial after a silent loss): the newer.
+        for (me, peer) in [(lo, hi), (hi, lo)] {
+            for origin in [Dialed, Accepted, Attached] {
+                assert!(keep_newer(me, peer, origin, origin));
+            }
+            assert!(keep_newer(me, peer, Attached, Dialed));
+            assert!(keep_newer(me, peer, Accepted, Attached));
+        }
     }
 }

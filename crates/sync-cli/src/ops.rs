@@ -271,14 +271,102 @@ fn describe_peer(p: &PeerStatus) -> String {
         .holds_of_me
         .map(|w| format!("holds my seq {}", w.seq.0))
         .unwrap_or_else(|| "holds nothing of mine yet".into());
-    let sending = match &p.outgoing {
-        Some((transfer, strategy)) => {
-            format!("sending ({strategy:?}, transfer {})", transfer.fmt_short())
-        }
-        None => "idle".into(),
-    };
     format!(
-        "{} ({}) at {}: {holds}; {sending}; {} bytes sent",
-        p.peer, p.name, p.addr, p.bytes_sent
+        "{} ({}) at {} ({:?}): {holds}; {}; {} bytes sent",
+        p.peer,
+        p.name,
+        p.addr,
+        p.origin,
+        describe_transfer(p),
+        p.bytes_sent
     )
+}
+
+/// One line for `status` about a connected peer's outgoing transfer, e.g.
+/// `sending batch 1200/5000 (attempt 2)` or `gave up after 8 attempts:
+/// CAUSE; retrying at 12:00:05 UTC`.
+pub fn describe_transfer(peer: &sync_actors::PeerStatus) -> String {
+    use sync_actors::TransferStatus;
+    let at = |t: &chrono::DateTime<chrono::Utc>| t.format("%H:%M:%S UTC").to_string();
+    match &peer.transfer {
+        TransferStatus::Idle => "idle".to_string(),
+        TransferStatus::Sending {
+            strategy,
+            attempt,
+            acked,
+            total,
+            ..
+        } => {
+            let retry = if *attempt > 1 {
+                format!(" (attempt {attempt})")
+            } else {
+                String::new()
+            };
+            format!("sending {strategy}, acked seq {acked}, {total} records{retry}")
+        }
+        TransferStatus::Retrying {
+            attempts,
+            cause,
+            retry_at,
+        } => format!(
+            "failed {attempts}x ({}); resuming at {}",
+            sync_core::untrusted::for_log(cause),
+            at(retry_at)
+        ),
+        TransferStatus::GaveUp {
+            attempts,
+            cause,
+            retry_at,
+        } => format!(
+            "gave up after {attempts} attempts ({}); retrying at {}",
+            sync_core::untrusted::for_log(cause),
+            at(retry_at)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sync_actors::{PeerStatus, SessionOrigin, TransferStatus};
+
+    fn peer(transfer: TransferStatus) -> PeerStatus {
+        PeerStatus {
+            peer: sync_core::DeviceId::new_v7(),
+            name: "peer".into(),
+            addr: "127.0.0.1:1".into(),
+            origin: SessionOrigin::Dialed,
+            holds_of_me: None,
+            advertised: None,
+            outgoing: None,
+            transfer,
+            bytes_sent: 0,
+        }
+    }
+
+    #[test]
+    fn a_given_up_transfer_says_why_and_when_it_is_tried_again() {
+        let retry_at = chrono::DateTime::from_timestamp(43_205, 0).expect("time");
+        let line = describe_transfer(&peer(TransferStatus::GaveUp {
+            attempts: 8,
+            cause: "no space left".into(),
+            retry_at,
+        }));
+        assert_eq!(
+            line,
+            "gave up after 8 attempts (no space left); retrying at 12:00:05 UTC"
+        );
+        assert_eq!(describe_transfer(&peer(TransferStatus::Idle)), "idle");
+        let sending = describe_transfer(&peer(TransferStatus::Sending {
+            transfer: sync_core::TransferId::new_v7(),
+            strategy: sync_core::Strategy::Batches,
+            attempt: 2,
+            acked: sync_core::Seq(1_200),
+            total: 5_000,
+        }));
+        assert_eq!(
+            sending,
+            "sending batch, acked seq 1200, 5000 records (attempt 2)"
+        );
+    }
 }

@@ -391,6 +391,21 @@ pub(crate) async fn set_local_seq(
     Ok(())
 }
 
+/// Sets the local owner's IndexId (its seq and rows stay).
+pub(crate) async fn set_local_index(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    index_id: IndexId,
+) -> Result<()> {
+    sqlx::query("UPDATE owner_state SET index_id = ? WHERE owner = ? AND local = 1")
+        .bind(u2i(index_id.0))
+        .bind(id_arg(owner.to_bytes()))
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
 /// Deletes every entry and location of `owner`.
 pub(crate) async fn drop_owner_rows(conn: &mut SqliteConnection, owner: DeviceId) -> Result<()> {
     for sql in [

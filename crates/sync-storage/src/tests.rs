@@ -1577,3 +1577,45 @@ async fn two_stores_on_one_library_never_reuse_seqs() {
     assert_eq!(a.local_watermark().await.unwrap().seq, Seq(committed + 1));
     assert_eq!(b.local_watermark().await.unwrap().seq, Seq(committed + 1));
 }
+
+#[tokio::test]
+async fn restarting_the_local_index_keeps_rows_and_seqs_once() {
+    let dir = TempDir::new().unwrap();
+    let (s, me) = device(&dir, "s").await;
+    let loc = location(me, 0);
+    let changes = vec![
+        LocalChange::Location(loc.clone()),
+        LocalChange::Entry(entry(loc.id, 1, 0)),
+        LocalChange::Entry(entry(loc.id, 2, 0)),
+    ];
+    s.commit_local(me, changes).await.unwrap();
+    let before = s.local_watermark().await.unwrap();
+    let rows = s.records_after(me, Seq::ZERO, 100).await.unwrap();
+    let summary = s.summary(me).await.unwrap();
+
+    let after = s.restart_local_index(before.index_id).await.unwrap();
+    assert_ne!(after.index_id, before.index_id);
+    assert_eq!(after.seq, before.seq);
+    assert_eq!(s.local_watermark().await.unwrap(), after);
+    assert_eq!(s.records_after(me, Seq::ZERO, 100).await.unwrap(), rows);
+    let now = s.summary(me).await.unwrap();
+    assert_eq!(
+        (now.fingerprint, now.entries, now.seq),
+        (summary.fingerprint, summary.entries, summary.seq)
+    );
+    assert_eq!(now.index_id, after.index_id);
+
+    // A second report of the same old index (another peer) changes nothing.
+    assert_eq!(s.restart_local_index(before.index_id).await.unwrap(), after);
+    assert_eq!(s.local_watermark().await.unwrap(), after);
+    // The next commit continues the seq under the new index.
+    let r = s
+        .commit_local(me, vec![LocalChange::Entry(entry(loc.id, 3, 0))])
+        .await
+        .unwrap();
+    assert_eq!(r.first, before.seq.next());
+    assert_eq!(
+        s.local_watermark().await.unwrap(),
+        Watermark::new(after.index_id, r.last)
+    );
+}

@@ -350,6 +350,46 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Starts a new IndexId for this device's own records if it is still
+    /// `current`, keeping every row and its seq, in one transaction.
+    ///
+    /// For a device that went back in time (a restore from a backup,
+    /// commits lost to a power loss under `synchronous=NORMAL`): its next
+    /// commits would reuse seqs its peers already hold with other content.
+    /// Under a new IndexId every peer replaces all of its rows instead
+    /// (`apply_batch` from `after == 0`). Returns the local watermark
+    /// afterwards; unchanged if another call restarted the index first.
+    pub async fn restart_local_index(&self, current: IndexId) -> Result<Watermark> {
+        let me = self.local_id()?;
+        let span =
+            tracing::info_span!("restart_local_index", owner = %me.fmt_short(), old = %current);
+        async move {
+            let _guard = self.inner.write_lock.lock().await;
+            let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
+            let mut txn = conn.begin().await.map_err(db_err)?;
+            let held = owner_state(&mut txn, me)
+                .await?
+                .ok_or(StorageError::NotInitialized)?
+                .watermark;
+            if held.index_id != current {
+                return Ok(held);
+            }
+            let mut new = IndexId::random();
+            while new == current {
+                new = IndexId::random();
+            }
+            bulk::set_local_index(&mut txn, me, new).await?;
+            txn.commit().await.map_err(db_err)?;
+            tracing::info!(new = %new, seq = held.seq.0, "local index restarted");
+            Ok(Watermark::new(new, held.seq))
+        }
+        .instrument(span)
+        .await
+        .map_err(|e: StorageError| e.disk_full_at(self.path()))
+    }
+}
+
 /// A location record must belong to the owner writing it.
 fn location_of(owner: DeviceId, l: &Location) -> Result<()> {
     if l.owner == owner {
