@@ -51,7 +51,7 @@ use shrink::{Budget, shrink};
 /// `dial_both` (item 5, now and then: no session is left). Item 4's kinds
 /// (`index_concurrent`, `non_utf8`) run since its fix landed. Empty this
 /// list as the fixes land. `SIM_SKIP` overrides it (`SIM_SKIP=` runs every kind).
-const CI_SKIP: &str = "restore,dial_both";
+const CI_SKIP: &str = "";
 
 /// Schedules the CI test runs, from seed [`CI_FIRST_SEED`].
 const CI_SCHEDULES: u64 = 20;

@@ -276,6 +276,9 @@ struct PeerState {
     repump: bool,
     /// The peer's pin was removed: nothing more is planned for it.
     revoked: bool,
+    /// This device's watermark as last told to the peer by a plan (the
+    /// session's opening `Watermarks` aside).
+    told: Option<Watermark>,
 }
 
 impl PeerState {
@@ -415,10 +418,19 @@ impl TransferSupervisor {
         st.repump = false;
         let holds = st.holds_of_me;
         let generation = st.generation;
+        let (writer, told) = (st.writer.clone(), st.told);
         let shared = self.shared.clone();
         ctx.spawn(
             async move {
                 let local = shared.store.local_watermark().await?;
+                if told != Some(local) && local.seq > Seq::ZERO {
+                    // Say how far this device's records now go before any of
+                    // them leave: the peer must not count itself synced with
+                    // this device midway through them (what the session
+                    // opened with is older than this commit).
+                    let own = vec![(shared.me(), local.index_id, local.seq)];
+                    writer.send(Wire::Watermarks(own)).await?;
+                }
                 let holding = PeerHolding::from_watermark(holds, local.index_id);
                 let start = holding.seq();
                 let pending = if local.seq > start {
@@ -435,6 +447,9 @@ impl TransferSupervisor {
                     return;
                 };
                 st.pumping = false;
+                if let Ok((local, _, _)) = &res {
+                    st.told = Some(*local);
+                }
                 match res {
                     Err(e) => {
                         warn!(peer = %peer.fmt_short(), cause = %e, "cannot plan a transfer");
@@ -934,6 +949,7 @@ impl Handler<SessionOpened> for TransferSupervisor {
                 waiting: false,
                 repump: false,
                 revoked: false,
+                told: None,
             },
         );
         self.publish_connected();
