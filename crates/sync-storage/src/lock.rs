@@ -87,7 +87,7 @@ impl DirLock {
 
     /// Whether an engine holds `dir`, and its pid if it wrote one:
     /// `None` when the directory is free. Probes with a shared lock taken
-    /// and dropped at once (an [`DirLock::acquire`] racing it retries).
+    /// and dropped at once (a [`DirLock::acquire`] racing it retries).
     pub fn holder(dir: &Path) -> Option<Option<u32>> {
         let handle = open_dir(dir).ok()?;
         match flock(&handle, FlockOperation::NonBlockingLockShared) {
