@@ -58,8 +58,6 @@ struct Inner {
     actors: Actors,
     generation: Arc<AtomicU64>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The data directory's lock, dropped once the engine has stopped.
-    lock: std::sync::Mutex<Option<DirLock>>,
 }
 
 /// The host's handle on a running engine.
@@ -147,7 +145,10 @@ impl SyncEngine {
     /// Takes the data directory's lock first (one engine per library, in
     /// any process): a second engine fails at once with
     /// [`sync_storage::StorageError::InUse`] naming the holder's pid. The
-    /// lock is released by [`SyncEngine::shutdown`] (or when the process ends).
+    /// lock is released by [`SyncEngine::shutdown`] (or when the process
+    /// ends). The engine's thread owns it: a handle dropped without
+    /// `shutdown` leaves that thread (its actors, its connections to the
+    /// library) running, and so the library locked.
     pub async fn start(config: EngineConfig) -> Result<SyncEngine, EngineError> {
         let lock = DirLock::acquire(&config.data_dir)?;
         let (tx, rx) = oneshot::channel();
@@ -171,6 +172,8 @@ impl SyncEngine {
                 if ok {
                     let _ = system.run();
                 }
+                // Another engine may open the library from now on.
+                drop(lock);
             })
             .map_err(|e| EngineError::Thread(e.to_string()))?;
         let actors = match rx.await {
@@ -187,7 +190,6 @@ impl SyncEngine {
                 actors,
                 generation: Arc::new(AtomicU64::new(1)),
                 thread: std::sync::Mutex::new(Some(thread)),
-                lock: std::sync::Mutex::new(Some(lock)),
             }),
         })
     }
@@ -467,8 +469,7 @@ impl SyncEngine {
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
-        // Another engine may open the library from now on.
-        drop(self.inner.lock.lock().ok().and_then(|mut l| l.take()));
+        // The thread has ended, and released the data directory's lock.
         info!("engine stopped");
         Ok(())
     }

@@ -8,7 +8,15 @@
 //! with JSON [`Frame`] lines (output lines, progress, then `done` or
 //! `failed`). The socket is owner-only (0600, in the 0700 data directory)
 //! and the server also refuses a peer of another uid; a request line is
-//! bounded and must arrive within a deadline; a few clients at a time.
+//! bounded and must arrive within a deadline.
+//!
+//! A client cannot hold the engine up: a connection waiting for its
+//! request takes no command slot (a few commands run at once, more wait),
+//! past [`MAX_CONNECTIONS`] open connections a new one is refused at once
+//! rather than left hanging, and a client that stops reading its answer is
+//! dropped after [`WRITE_TIMEOUT`]. A command whose client goes away (Ctrl-C
+//! on a forwarded `index`) still runs to its end inside the engine, as it
+//! would have if started there: its commits are transactional either way.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -21,11 +29,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sync_actors::SyncEngine;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use sync_storage::DirLock;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, info_span, warn};
 
+use crate::device::start_engine;
 use crate::ops;
 use crate::output::{Output, Terminal};
 
@@ -41,8 +51,19 @@ const MAX_FRAME: u64 = 1024 * 1024;
 /// A client must send its request within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Clients served at once; more wait for a slot.
-const MAX_CLIENTS: usize = 8;
+/// Commands run at once; more wait for a slot (told so).
+const MAX_RUNNING: usize = 8;
+
+/// Connections open at once (reading their request, waiting or running);
+/// past it a new connection is refused at once.
+const MAX_CONNECTIONS: usize = 64;
+
+/// A client must take each answer line within this, or it is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a command waits for the control socket of an engine that holds
+/// the library but does not listen yet (it is starting).
+const STARTUP_GRACE: Duration = Duration::from_secs(5);
 
 /// How often progress is sent to a client (the latest position only).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -153,7 +174,8 @@ impl Drop for ControlServer {
 }
 
 async fn accept_loop(listener: UnixListener, engine: SyncEngine) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let running = Arc::new(Semaphore::new(MAX_RUNNING));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -163,21 +185,41 @@ async fn accept_loop(listener: UnixListener, engine: SyncEngine) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let Ok(open) = connections.clone().try_acquire_owned() else {
+            // Refused at once, never awaited: the answer fits in the new
+            // socket's empty buffer, and this loop must not wait on a client.
+            warn!("control connection refused: {MAX_CONNECTIONS} already open");
+            let _ = stream.try_write(&frame_line(&Frame::Failed {
+                error: format!(
+                    "too many control connections open ({MAX_CONNECTIONS}): try again later"
+                ),
+            }));
+            continue;
         };
-        let engine = engine.clone();
+        let (engine, running) = (engine.clone(), running.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_client(stream, &engine).await {
+            if let Err(e) = serve_client(stream, &engine, &running).await {
                 warn!(cause = %format!("{e:#}"), "control request refused");
             }
-            drop(slot);
+            drop(open);
         });
     }
 }
 
-/// Reads one request, runs it, streams its output and result back.
-async fn serve_client(stream: UnixStream, engine: &SyncEngine) -> anyhow::Result<()> {
+/// `frame` as one answer line.
+fn frame_line(frame: &Frame) -> Vec<u8> {
+    let mut line = serde_json::to_vec(frame).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Reads one request (holding no command slot), waits for a slot, runs the
+/// request, streams its output and result back.
+async fn serve_client(
+    stream: UnixStream,
+    engine: &SyncEngine,
+    running: &Arc<Semaphore>,
+) -> anyhow::Result<()> {
     let cred = stream.peer_cred()?;
     let me = rustix::process::geteuid().as_raw();
     if cred.uid() != me {
@@ -194,26 +236,27 @@ async fn serve_client(stream: UnixStream, engine: &SyncEngine) -> anyhow::Result
             let failed = Frame::Failed {
                 error: format!("{e:#}"),
             };
-            let mut line = serde_json::to_string(&failed).unwrap_or_default();
-            line.push('\n');
-            let _ = write.write_all(line.as_bytes()).await;
+            let _ =
+                tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&frame_line(&failed))).await;
             return Err(e);
         }
         Err(_) => bail!("no request within {REQUEST_TIMEOUT:?}"),
     };
     tracing::info!(?request, "control request");
-    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
     let remote = Remote::new(tx);
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            let mut line = serde_json::to_string(&frame).unwrap_or_default();
-            line.push('\n');
-            if write.write_all(line.as_bytes()).await.is_err() {
-                return;
-            }
+    let writer = tokio::spawn(write_frames(rx, write, WRITE_TIMEOUT));
+    let slot = match running.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            remote.warn(&format!(
+                "waiting: {MAX_RUNNING} commands are running in the engine"
+            ));
+            running.clone().acquire_owned().await?
         }
-    });
+    };
     let result = dispatch(engine, request, &remote).await;
+    drop(slot);
     remote.flush_progress();
     remote.send(match result {
         Ok(()) => Frame::Done,
@@ -224,6 +267,26 @@ async fn serve_client(stream: UnixStream, engine: &SyncEngine) -> anyhow::Result
     drop(remote);
     let _ = writer.await;
     Ok(())
+}
+
+/// Writes the answer's frames as they come, until the channel closes; gives
+/// up on a client that takes none of a line within `timeout` (it stopped
+/// reading), so it cannot keep its connection, or queue frames, forever.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    mut write: W,
+    timeout: Duration,
+) {
+    while let Some(frame) = rx.recv().await {
+        match tokio::time::timeout(timeout, write.write_all(&frame_line(&frame))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                warn!("control client stopped reading its answer: dropped after {timeout:?}");
+                return;
+            }
+        }
+    }
 }
 
 async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> anyhow::Result<Request> {
@@ -240,7 +303,18 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> anyhow::Result<R
 async fn dispatch(engine: &SyncEngine, request: Request, out: &Remote) -> anyhow::Result<()> {
     match request {
         Request::Index { path, json } => {
-            ops::index(engine, Path::new(OsStr::from_bytes(&path)), json, out).await
+            let path = Path::new(OsStr::from_bytes(&path));
+            // The engine's working directory is not the client's.
+            if !path.is_absolute() {
+                bail!(
+                    "index path {} is relative: send an absolute path",
+                    path.display()
+                );
+            }
+            if path.as_os_str().as_bytes().contains(&0) {
+                bail!("index path {} holds a NUL byte", path.display());
+            }
+            ops::index(engine, path, json, out).await
         }
         Request::Generate {
             entries,
@@ -377,7 +451,13 @@ pub async fn forward(data: &Path, request: &Request) -> anyhow::Result<Option<()
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    write.write_all(line.as_bytes()).await?;
+    match write.write_all(line.as_bytes()).await {
+        Ok(()) => {}
+        // The engine may refuse (too many connections) and close before
+        // the request is written: its answer is still there to read.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => return Err(e).context("cannot send the command to the running engine"),
+    }
     let terminal = Terminal::default();
     let mut reader = BufReader::new(read);
     loop {
@@ -401,5 +481,82 @@ pub async fn forward(data: &Path, request: &Request) -> anyhow::Result<Option<()
                 bail!("{error}");
             }
         }
+    }
+}
+
+/// Where a command that changes the library runs.
+pub enum Route {
+    /// The engine holding the library ran it (its output was replayed).
+    Forwarded,
+    /// No engine held the library: this one, started for the command.
+    Local(SyncEngine),
+}
+
+/// Sends `request` to the engine holding `data`, or starts one here if
+/// none does. An engine that holds the library but does not listen yet (a
+/// `serve` starting: the lock is taken before the socket is bound) is
+/// waited for up to [`STARTUP_GRACE`]; one that never listens (its data
+/// path too long for a socket name) is named in the error.
+pub async fn route(data: &Path, request: &Request) -> anyhow::Result<Route> {
+    let deadline = tokio::time::Instant::now() + STARTUP_GRACE;
+    loop {
+        if forward(data, request).await?.is_some() {
+            return Ok(Route::Forwarded);
+        }
+        let held = match DirLock::holder(data) {
+            None => match start_engine(data).await {
+                Ok(engine) => return Ok(Route::Local(engine)),
+                // Taken since the probe: by an engine that is starting.
+                Err(e) => match DirLock::holder(data) {
+                    Some(pid) => pid,
+                    None => return Err(e),
+                },
+            },
+            Some(pid) => pid,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "data directory {} is in use by another engine ({}) that takes no commands: \
+                 it has no control socket at {} (a data directory path too long for a socket \
+                 name?); run this once it has stopped",
+                data.display(),
+                held.map(|p| format!("pid {p}"))
+                    .unwrap_or_else(|| "pid unknown".into()),
+                data.join(SOCKET_FILE).display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Attack: a client sends a request and never reads the answer. The
+    /// writer gives up once a line stays unwritten for its timeout, so the
+    /// connection (and the frames queued for it) does not live forever.
+    #[tokio::test]
+    async fn a_client_that_never_reads_is_dropped() {
+        // A tiny buffer whose other end is kept open and never read.
+        let (client, server) = tokio::io::duplex(64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        for i in 0..100 {
+            tx.send(Frame::Line {
+                text: format!("line {i}"),
+            })
+            .unwrap();
+        }
+        let writer = tokio::spawn(write_frames(rx, server, Duration::from_millis(200)));
+        let ended = tokio::time::timeout(Duration::from_secs(10), writer).await;
+        assert!(
+            ended.is_ok(),
+            "the writer waits forever on a client that does not read"
+        );
+        // The channel is closed: what the command still sends is dropped.
+        assert!(tx.send(Frame::Done).is_err());
+        drop(client);
     }
 }

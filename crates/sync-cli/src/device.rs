@@ -11,7 +11,7 @@ use sync_net::{Identity, Invite, TrustStore, check_address};
 use sync_storage::{DeviceInfo, Store};
 
 use crate::cli::Tuning;
-use crate::control::{self, Request};
+use crate::control::{self, Request, Route};
 use crate::ops;
 use crate::output::Terminal;
 
@@ -370,13 +370,10 @@ fn shell_quote(text: &str) -> String {
 /// `lsync index`: inside the running engine if one holds the library,
 /// else in an engine started for the run.
 pub async fn index(data: &Path, path: &Path, json: bool) -> anyhow::Result<()> {
-    if control::forward(data, &Request::index(path, json)?)
-        .await?
-        .is_some()
-    {
-        return Ok(());
-    }
-    let engine = start_engine(data).await?;
+    let engine = match control::route(data, &Request::index(path, json)?).await? {
+        Route::Forwarded => return Ok(()),
+        Route::Local(engine) => engine,
+    };
     let result = ops::index(&engine, path, json, &Terminal::default()).await;
     engine.shutdown().await?;
     result

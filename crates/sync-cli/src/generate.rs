@@ -6,8 +6,7 @@ use sync_core::synthetic::SyntheticTree;
 use sync_core::{DeviceId, LocationId};
 use sync_storage::{LocalChange, Store};
 
-use crate::control::{self, Request};
-use crate::device::start_engine;
+use crate::control::{self, Request, Route};
 use crate::ops;
 use crate::output::Terminal;
 use crate::progress;
@@ -73,10 +72,10 @@ pub async fn run(data: &Path, entries: u64, seed: u64, json: bool) -> anyhow::Re
         seed,
         json,
     };
-    if control::forward(data, &request).await?.is_some() {
-        return Ok(());
-    }
-    let engine = start_engine(data).await?;
+    let engine = match control::route(data, &request).await? {
+        Route::Forwarded => return Ok(()),
+        Route::Local(engine) => engine,
+    };
     let result = ops::generate(&engine, entries, seed, json, &Terminal::default()).await;
     engine.shutdown().await?;
     result

@@ -180,8 +180,8 @@ pub struct StatusView<'a> {
     pub owners: &'a [OwnerSummary],
     /// The running engine's peers (`None`: not reached through it).
     pub peers: Option<&'a [PeerStatus]>,
-    /// The pid of an engine that holds the library but was not reached
-    /// (it has no control socket): `Some(None)` if it wrote no pid.
+    /// The pid of the engine that holds the library (`Some(None)`: it
+    /// wrote no pid); `None` when none does.
     pub held_by: Option<Option<u32>>,
 }
 
@@ -195,7 +195,7 @@ pub async fn status(engine: &SyncEngine, json: bool, out: &dyn Output) -> anyhow
             name: &device.name,
             owners: &owners,
             peers: Some(&peers),
-            held_by: None,
+            held_by: Some(Some(std::process::id())),
         },
         json,
         out,
@@ -221,14 +221,15 @@ pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
                 })
             })
             .collect();
-        let mut doc = json!({"device_id": view.device.to_string(), "owners": owners});
-        if let Some(peers) = view.peers {
-            doc["serving"] = json!(true);
-            doc["peers"] = serde_json::to_value(peers).unwrap_or_default();
-        } else if let Some(pid) = view.held_by {
-            doc["serving"] = json!(true);
-            doc["engine_pid"] = json!(pid);
-        }
+        // One shape whether an engine runs or not: `serving`, its pid
+        // (null if none, or unknown) and its peers (null if not reached).
+        let doc = json!({
+            "device_id": view.device.to_string(),
+            "owners": owners,
+            "serving": view.peers.is_some() || view.held_by.is_some(),
+            "engine_pid": view.held_by.flatten(),
+            "peers": view.peers.map(|p| serde_json::to_value(p).unwrap_or_default()),
+        });
         out.line(&doc.to_string());
         return;
     }
@@ -327,7 +328,34 @@ pub fn describe_transfer(peer: &sync_actors::PeerStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use sync_actors::{EngineConfig, EngineError, init_device};
+    use sync_storage::StorageError;
+
     use super::*;
+
+    /// Attack: drop an engine's handle without `shutdown`, then start a
+    /// second engine on its library. The first engine's thread (actors,
+    /// connections to the library) goes on running, so the library must
+    /// stay locked: the lock belongs to that thread, not to the handle.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_engine_handle_keeps_its_library_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        init_device(dir.path(), "a", None).await.unwrap();
+        let first = SyncEngine::start(EngineConfig::new(dir.path()))
+            .await
+            .unwrap();
+        drop(first);
+        match SyncEngine::start(EngineConfig::new(dir.path())).await {
+            Err(EngineError::Storage(StorageError::InUse { pid, .. })) => {
+                assert_eq!(pid, Some(std::process::id()));
+            }
+            Err(e) => panic!("unexpected: {e}"),
+            Ok(_) => panic!("a second engine runs beside the dropped one's thread"),
+        }
+    }
+
     use sync_actors::{PeerStatus, SessionOrigin, TransferStatus};
 
     fn peer(transfer: TransferStatus) -> PeerStatus {

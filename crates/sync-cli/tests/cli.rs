@@ -900,7 +900,7 @@ fn commands_reach_the_serving_engine_and_a_second_engine_is_refused() {
     server.0.wait().unwrap();
     assert!(socket.exists(), "SIGKILL cannot remove the socket");
     let status = ok_json(&pair.a, &["status", "--json"]);
-    assert!(status.get("serving").is_none(), "{status}");
+    assert_eq!(status["serving"], false, "{status}");
     let again = ok_json(&pair.a, &["index", &tree_arg, "--json"]);
     assert_eq!(again["created"], 0, "{again}");
     assert_eq!(again["entries"], 128, "{again}");
@@ -936,4 +936,199 @@ fn the_control_socket_refuses_malformed_and_oversized_requests() {
     let status = ok_json(&a, &["status", "--json"]);
     assert_eq!(status["serving"], true, "{status}");
     assert_eq!(status["owners"][0]["seq"], 0, "{status}");
+}
+
+/// One request line sent on `data`'s control socket; the answer's frames
+/// up to `done` or `failed` (or the end of the connection).
+fn ask_socket(data: &Path, request: &str) -> Vec<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(data.join("control.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(b"\n").unwrap();
+    let mut frames = Vec::new();
+    for line in BufReader::new(s).lines() {
+        let frame: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let end = frame["frame"] == "done" || frame["frame"] == "failed";
+        frames.push(frame);
+        if end {
+            break;
+        }
+    }
+    frames
+}
+
+/// Attack: clients that connect to the control socket and never send a
+/// request (a slow loris, or a stuck script). They held the command slots
+/// until their 10 s deadline, so a real command hung behind them; now a
+/// connection waiting for its request holds no slot, and past the bound of
+/// open connections a new one is refused at once instead of hanging.
+#[test]
+fn idle_control_clients_cannot_starve_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    ok(&a, &["init", "--name", "a"]);
+    let _server = serve(&a, &free_addr());
+    let socket = a.join("control.sock");
+    let mut idle: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let started = Instant::now();
+    let status = ok_json(&a, &["status", "--json"]);
+    assert_eq!(status["serving"], true, "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "status waited {:?} behind idle clients",
+        started.elapsed()
+    );
+
+    // Past the bound: refused at once, saying why.
+    idle.extend((0..64).map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap()));
+    let started = Instant::now();
+    let out = run(&a, &["status", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("too many control connections"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(idle);
+}
+
+/// Attack: a request naming a relative path (the engine would resolve it
+/// against its own working directory, not the client's) or a NUL byte is
+/// refused; any absolute name, non-UTF-8 bytes included, is indexed.
+#[test]
+fn a_relative_index_path_over_the_socket_is_refused_and_any_absolute_name_works() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    ok(&a, &["init", "--name", "a"]);
+    let _server = serve(&a, &free_addr());
+    for path in [&b"."[..], b"tree", b"/tmp/a\0b"] {
+        let request = serde_json::json!({"command": "index", "path": path, "json": true});
+        let frames = ask_socket(&a, &request.to_string());
+        let last = frames.last().unwrap();
+        assert_eq!(last["frame"], "failed", "{path:?}: {frames:?}");
+        let error = last["error"].as_str().unwrap();
+        assert!(
+            error.contains("relative") || error.contains("NUL"),
+            "{error}"
+        );
+    }
+    let status = ok_json(&a, &["status", "--json"]);
+    assert_eq!(
+        status["owners"][0]["seq"], 0,
+        "nothing was indexed: {status}"
+    );
+
+    let odd = tmp
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9 tree"));
+    write(&odd.join("f.txt"), 3);
+    let out = lsync()
+        .arg("--data")
+        .arg(&a)
+        .arg("index")
+        .arg(&odd)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["entries"], 2, "{report}");
+}
+
+/// Attack: a command in the moment a `serve` has taken the library's lock
+/// but not yet bound its socket (or a serve that never binds one) used to
+/// fail at once with "in use". It now waits for the socket a few seconds,
+/// and if none comes, says the engine takes no commands.
+#[test]
+fn a_command_during_serve_startup_waits_for_its_socket() {
+    use std::io::{BufRead, BufReader, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    ok(&a, &["init", "--name", "a"]);
+    // This process plays the engine: it holds the library...
+    let lock = sync_storage::DirLock::acquire(&a).unwrap();
+    let started = Instant::now();
+    let out = run(&a, &["generate", "--entries", "10"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("in use by another engine")
+            && stderr.contains(&format!("pid {}", std::process::id()))
+            && stderr.contains("no control socket"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "it did not wait"
+    );
+
+    // ...and binds its socket only after the command started.
+    // (Left to itself it gives up within seconds.)
+    let mut child = spawn_cmd(&a, &["generate", "--entries", "10", "--json"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the command gave up before the engine listened"
+    );
+    let listener = std::os::unix::net::UnixListener::bind(a.join("control.sock")).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut request = String::new();
+    BufReader::new(conn.try_clone().unwrap())
+        .read_line(&mut request)
+        .unwrap();
+    assert!(request.contains("\"generate\""), "{request}");
+    conn.write_all(
+        b"{\"frame\":\"line\",\"text\":\"{\\\"answered\\\":true}\"}\n{\"frame\":\"done\"}\n",
+    )
+    .unwrap();
+    drop(conn);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["answered"], true);
+    drop(lock);
+}
+
+/// Attack: a script reading `status --json` got `serving` only while an
+/// engine ran (absent otherwise). Both cases now have one shape:
+/// `serving`, `engine_pid` and `peers` always there.
+#[test]
+fn status_json_has_one_shape_serving_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    ok(&a, &["init", "--name", "a"]);
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let idle = ok_json(&a, &["status", "--json"]);
+    assert_eq!(idle["serving"], false, "{idle}");
+    assert!(
+        idle["engine_pid"].is_null() && idle["peers"].is_null(),
+        "{idle}"
+    );
+    let server = serve(&a, &free_addr());
+    let serving = ok_json(&a, &["status", "--json"]);
+    assert_eq!(serving["serving"], true, "{serving}");
+    assert_eq!(serving["engine_pid"], server.0.id(), "{serving}");
+    assert!(serving["peers"].is_array(), "{serving}");
+    assert_eq!(keys(&idle), keys(&serving));
+    // Held without a socket (it was removed): the pid, peers unknown.
+    std::fs::remove_file(a.join("control.sock")).unwrap();
+    let held = ok_json(&a, &["status", "--json"]);
+    assert_eq!(held["serving"], true, "{held}");
+    assert_eq!(held["engine_pid"], server.0.id(), "{held}");
+    assert!(held["peers"].is_null(), "{held}");
+    assert_eq!(keys(&idle), keys(&held));
 }
