@@ -122,3 +122,49 @@ async fn two_engines_on_one_library_are_refused_naming_the_holder() {
     );
     shutdown(&devices).await;
 }
+
+/// Item 1 through the indexer: a real folder indexed, its location
+/// deleted, then indexed again, reaches a peer that saw the delete and a
+/// peer that never did, with the folder's entries live on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reindexing_a_deleted_location_reaches_every_peer() {
+    let devices = spawn_devices(3, |_| {}).await;
+    let (a, b, c) = (&devices[0], &devices[1], &devices[2]);
+    let tree = tempfile::tempdir().expect("tree");
+    for i in 0..30 {
+        let dir = tree.path().join(format!("d{}", i % 4));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(format!("f{i}")), vec![b'x'; i]).expect("write");
+    }
+    let first = a.engine.index(tree.path(), None).await.expect("index");
+    assert_eq!(first.entries, 35, "{first:?}");
+    connect(b, a).await;
+    let deleted = a
+        .engine
+        .commit(vec![LocalChange::DeleteLocation(first.location_id)])
+        .await
+        .expect("delete")
+        .last;
+    wait_for_watermark(b, a.id, deleted, WAIT).await;
+    assert_eq!(assert_converged(a, b).await.entries, 0);
+    let again = a.engine.index(tree.path(), None).await.expect("re-index");
+    assert_eq!(again.entries, 35, "{again:?}");
+    let last = a.store().local_watermark().await.expect("watermark").seq;
+    wait_for_watermark(b, a.id, last, WAIT).await;
+    connect(c, a).await;
+    wait_for_watermark(c, a.id, last, WAIT).await;
+    for peer in [b, c] {
+        let held = assert_converged(a, peer).await;
+        assert_eq!(held.entries, 35);
+        let live = peer
+            .store()
+            .locations()
+            .await
+            .expect("locations")
+            .into_iter()
+            .filter(|l| !l.deleted)
+            .count();
+        assert_eq!(live, 1, "one live location on the peer");
+    }
+    shutdown(&devices).await;
+}
