@@ -8,7 +8,7 @@ use anyhow::bail;
 use indicatif::ProgressBar;
 use serde_json::json;
 use sync_actors::{Direction, SyncEngine, SyncEvent};
-use sync_core::TransferId;
+use sync_core::{DeviceId, TransferId};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::Tuning;
@@ -144,6 +144,9 @@ async fn show_progress(
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Moved {
     let mut bars: HashMap<TransferId, ProgressBar> = HashMap::new();
+    // Owners whose records arrive in a transfer (counted when it completes);
+    // records applied outside one are individual changes, counted as applied.
+    let mut receiving: HashMap<TransferId, DeviceId> = HashMap::new();
     let mut moved = Moved::default();
     loop {
         let next = tokio::select! {
@@ -168,8 +171,12 @@ async fn show_progress(
                 strategy,
                 total,
                 direction,
+                owner,
                 ..
             } => {
+                if direction == Direction::Receive {
+                    receiving.insert(transfer, owner);
+                }
                 let label = match direction {
                     Direction::Send => format!("send {strategy}"),
                     Direction::Receive => format!("recv {strategy}"),
@@ -194,15 +201,25 @@ async fn show_progress(
                 bytes,
                 ..
             } => {
+                receiving.remove(&transfer);
                 moved.records += records;
                 moved.bytes += bytes;
                 if let Some(b) = bars.remove(&transfer) {
                     b.finish_and_clear();
                 }
             }
+            SyncEvent::Applied { owner, records, .. }
+                if !receiving.values().any(|o| *o == owner) =>
+            {
+                moved.records += records;
+                if !moved.strategies.iter().any(|s| s == "individual") {
+                    moved.strategies.push("individual".into());
+                }
+            }
             SyncEvent::TransferFailed {
                 transfer, cause, ..
             } => {
+                receiving.remove(&transfer);
                 if let Some(b) = bars.remove(&transfer) {
                     b.abandon_with_message(cause);
                 }
