@@ -184,3 +184,35 @@ async fn an_owner_restored_from_a_copy_connecting_before_it_commits_converges() 
     assert_same_records(a, b).await;
     shutdown(&devices).await;
 }
+
+/// An owner restored to a copy holding none of its records (taken before
+/// its first commit): its new index has nothing to send, so nothing was
+/// sent and the peer kept the ten records the owner no longer has. An
+/// empty batch after seq 0 of the new index now makes the peer drop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_restored_to_an_empty_copy_empties_its_peer() {
+    let mut devices = spawn_devices(2, |_| {}).await;
+    let copy = tempfile::tempdir().expect("tempdir");
+    let backup = copy.path().join("backup");
+    while_stopped(&mut devices[0], |dir| copy_tree(dir, &backup)).await;
+    let synced = generate(&devices[0], 9, 1).await.last;
+    generate(&devices[1], 2, 3).await;
+    connect_a_to_b(&devices[0], &devices[1]).await;
+    assert_same_records(&devices[0], &devices[1]).await;
+    while_stopped(&mut devices[0], |dir| {
+        std::fs::remove_dir_all(dir).expect("remove data dir");
+        copy_tree(&backup, dir);
+    })
+    .await;
+    let (a, b) = (&devices[0], &devices[1]);
+    let mut events = a.engine.subscribe();
+    connect_a_to_b(a, b).await;
+    assert_eq!(
+        index_restarted(&mut events, b.id).await,
+        (synced, Seq::ZERO)
+    );
+    assert_same_records(a, b).await;
+    let held = b.store().summary(a.id).await.expect("summary");
+    assert_eq!((held.entries, held.tombstones), (0, 0), "{held:?}");
+    shutdown(&devices).await;
+}

@@ -443,6 +443,7 @@ impl TransferSupervisor {
             .into_actor(self)
             .map(move |res, act, ctx| {
                 let thresholds = act.shared.config.thresholds;
+                let me = act.shared.me();
                 let Some(st) = act.session_state(peer, generation) else {
                     return;
                 };
@@ -466,6 +467,10 @@ impl TransferSupervisor {
                             choose_strategy(holding, pending, &thresholds);
                         debug!(peer = %peer.fmt_short(), ?holding, pending, %strategy, "strategy chosen");
                         match strategy {
+                            Strategy::UpToDate if holding == PeerHolding::OtherIndex => {
+                                st.failure = None;
+                                send_empty_reset(me, st, local);
+                            }
                             Strategy::UpToDate => {
                                 // Whatever failed before, nothing is missing now.
                                 st.failure = None;
@@ -903,6 +908,32 @@ impl Actor for TransferSupervisor {
                     }
                 }),
         );
+    }
+}
+
+/// The peer holds rows of an older index of this device, and the current
+/// index has no records: nothing would ever be sent, and the peer would
+/// keep rows its owner no longer has (a library restored to an empty copy).
+/// An empty batch after seq 0 of the current index makes it drop them (a
+/// batch after 0 replaces an index). The peer is taken to hold `(index, 0)`
+/// from now on: a refusal closes the session, and the next one starts from
+/// the watermarks it exchanges.
+fn send_empty_reset(me: DeviceId, st: &mut PeerState, local: Watermark) {
+    let reset = Wire::StateBatch {
+        transfer: TransferId::default(),
+        owner: me,
+        index_id: local.index_id,
+        after: Seq::ZERO,
+        last: Seq::ZERO,
+        count: 0,
+        payload: sync_core::encode_records(&[]),
+    };
+    match st.writer.try_send(reset) {
+        Ok(()) => {
+            info!(index = %local.index_id, "peer holds an older index of ours: empty reset sent");
+            st.holds_of_me = Some(Watermark::new(local.index_id, Seq::ZERO));
+        }
+        Err(e) => warn!(cause = %e, "cannot send the empty reset"),
     }
 }
 
