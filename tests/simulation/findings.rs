@@ -1,11 +1,14 @@
 //! Regression tests for what the simulation found that was not already
 //! known (issue 13).
 
+use std::path::Path;
 use std::time::Duration;
 
+use sync_actors::{EngineConfig, SyncEngine};
 use sync_core::Seq;
 use sync_net::fault::{FaultPlan, memory_pair_with_faults};
 
+use super::model::own_records;
 use crate::harness::{Device, generate, shutdown, spawn_devices, wait_for_watermark};
 
 /// Links `a` and `b` in memory, each write of `b` delayed by `delay`.
@@ -66,5 +69,66 @@ async fn a_receiver_midway_through_a_transfer_is_not_synced() {
         "the transfer ended before a partial state was seen"
     );
     wait_for_watermark(a, b.id, last, Duration::from_secs(60)).await;
+    shutdown(&devices).await;
+}
+
+/// Copies the library files of a stopped engine's data directory.
+fn copy_library(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for name in ["library.db", "library.db-wal", "library.db-shm"] {
+        let _ = std::fs::remove_file(to.join(name));
+        if from.join(name).exists() {
+            std::fs::copy(from.join(name), to.join(name)).expect("copy library file");
+        }
+    }
+}
+
+/// Stops `device`'s engine, runs `with_dir` on its data directory, starts it.
+async fn while_stopped(device: &mut Device, with_dir: impl FnOnce(&Path)) {
+    device.engine.shutdown().await.expect("shutdown");
+    with_dir(&device.dir);
+    device.engine = SyncEngine::start(EngineConfig::new(&device.dir))
+        .await
+        .expect("start engine");
+}
+
+/// Finding S2 (simulation seeds 20007, 20059, 20092: `restore`, "not
+/// synced within 30s", the peer holding the owner's records
+/// "duplicated"): an owner restored from a copy taken before its first
+/// commit holds no record. A peer holding its lost records makes it start
+/// a new IndexId (issue 13 item 3), but with nothing to send the plan is
+/// `UpToDate` (`OtherIndex`, 0 pending), and a peer replaces an owner's
+/// rows only when a batch of the new index arrives: the peer kept the lost
+/// records for good, and the owner never counted it as synced. Fixed: a
+/// receiver told by the owner itself that its current index holds nothing
+/// (its own entry of `Watermarks` at seq 0), while it holds rows of
+/// another index, drops them and says what it now holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finding S2: a peer keeps the records of an owner restored to an empty library"]
+async fn an_owner_restored_to_an_empty_library_empties_its_peers() {
+    let mut devices = spawn_devices(2, |_| {}).await;
+    let copy = tempfile::tempdir().expect("tempdir");
+    let backup = copy.path().join("backup");
+    // A copy of A's library before its first commit.
+    while_stopped(&mut devices[0], |dir| copy_library(dir, &backup)).await;
+    let made = generate(&devices[0], 3, 1).await;
+    link(&devices[0], &devices[1], Duration::ZERO).await;
+    wait_for_watermark(&devices[1], devices[0].id, made.last, Duration::from_secs(30)).await;
+    while_stopped(&mut devices[0], |dir| copy_library(&backup, dir)).await;
+    let (a, b) = (&devices[0], &devices[1]);
+    assert_eq!(a.store().local_watermark().await.unwrap().seq, Seq::ZERO);
+    link(a, b, Duration::ZERO).await;
+    let synced = a
+        .engine
+        .wait_synced(b.id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let kept = own_records(&b.store(), a.id, Seq::ZERO).await.unwrap();
+    assert!(
+        synced && kept.is_empty(),
+        "A (no records) synced with B: {synced}; B holds {} of A's lost records at {:?}",
+        kept.len(),
+        b.store().watermark(a.id).await.unwrap()
+    );
     shutdown(&devices).await;
 }

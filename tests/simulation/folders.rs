@@ -268,9 +268,11 @@ impl StoredTree {
     }
 }
 
-/// A UTF-8 path as stored names (folders always have UTF-8 names here).
-fn as_names(p: &[OsString]) -> Option<Vec<String>> {
-    p.iter().map(|c| c.to_str().map(str::to_string)).collect()
+/// A path as stored names. Folders are made with UTF-8 names, but a swap
+/// turns a file of any name into a folder (simulation seed 20035): those
+/// are matched by the lossless encoding the indexer stores.
+fn as_names(p: &[OsString]) -> Vec<String> {
+    p.iter().map(|c| sync_core::names::encode_os(c)).collect()
 }
 
 /// Checks an index run of `root` into `location`: `before` were the
@@ -298,7 +300,7 @@ pub fn check_index(
         if seen.under_locked(dir) {
             continue;
         }
-        let names = as_names(dir).ok_or("a folder name that is not UTF-8")?;
+        let names = as_names(dir);
         if seen.locked.contains(dir) {
             check_kept(&tree, old.as_ref(), &names)?;
             mark_subtree(&tree, &names, &mut matched);
