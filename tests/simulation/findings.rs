@@ -99,12 +99,11 @@ async fn while_stopped(device: &mut Device, with_dir: impl FnOnce(&Path)) {
 /// a new IndexId (issue 13 item 3), but with nothing to send the plan is
 /// `UpToDate` (`OtherIndex`, 0 pending), and a peer replaces an owner's
 /// rows only when a batch of the new index arrives: the peer kept the lost
-/// records for good, and the owner never counted it as synced. Fixed: a
-/// receiver told by the owner itself that its current index holds nothing
-/// (its own entry of `Watermarks` at seq 0), while it holds rows of
-/// another index, drops them and says what it now holds.
+/// records for good, and the owner never counted it as synced. Fixed: the
+/// owner's plan sends an empty batch after seq 0 of its new index
+/// (`send_empty_reset`), which makes the peer drop the old rows (also
+/// `restore::an_owner_restored_to_an_empty_copy_empties_its_peer`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding S2: a peer keeps the records of an owner restored to an empty library"]
 async fn an_owner_restored_to_an_empty_library_empties_its_peers() {
     let mut devices = spawn_devices(2, |_| {}).await;
     let copy = tempfile::tempdir().expect("tempdir");
@@ -113,7 +112,13 @@ async fn an_owner_restored_to_an_empty_library_empties_its_peers() {
     while_stopped(&mut devices[0], |dir| copy_library(dir, &backup)).await;
     let made = generate(&devices[0], 3, 1).await;
     link(&devices[0], &devices[1], Duration::ZERO).await;
-    wait_for_watermark(&devices[1], devices[0].id, made.last, Duration::from_secs(30)).await;
+    wait_for_watermark(
+        &devices[1],
+        devices[0].id,
+        made.last,
+        Duration::from_secs(30),
+    )
+    .await;
     while_stopped(&mut devices[0], |dir| copy_library(&backup, dir)).await;
     let (a, b) = (&devices[0], &devices[1]);
     assert_eq!(a.store().local_watermark().await.unwrap().seq, Seq::ZERO);
