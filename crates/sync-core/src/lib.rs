@@ -14,6 +14,7 @@
 
 pub mod codec;
 pub mod crash;
+pub mod digest;
 mod error;
 mod fingerprint;
 mod id;
