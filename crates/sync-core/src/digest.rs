@@ -138,6 +138,22 @@ impl Element {
         Element { lanes }
     }
 
+    /// A record's range fingerprint without the rest of its vector (the
+    /// first 16 bytes of the same output): equal to `Element::of(r).fp()`.
+    pub fn fp_of(record: &Record) -> u128 {
+        let mut buf = Vec::with_capacity(128);
+        match record {
+            Record::Entry(e) => canonical_entry(e, &mut buf),
+            Record::Location(l) => canonical_location(l, &mut buf),
+        }
+        let mut reader = blake3::Hasher::new_derive_key(RECORD_CONTEXT)
+            .update(&buf)
+            .finalize_xof();
+        let mut first = [0u8; 16];
+        reader.fill(&mut first);
+        u128::from_le_bytes(first)
+    }
+
     /// The record's 128-bit range fingerprint (its first eight lanes).
     pub fn fp(&self) -> u128 {
         let mut v = 0u128;

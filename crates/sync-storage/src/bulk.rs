@@ -13,10 +13,12 @@ use std::sync::{Arc, OnceLock};
 
 use sea_orm::sqlx::sqlite::{SqliteArguments, SqliteConnection};
 use sea_orm::sqlx::{self, Arguments as _, Row as _};
+use sync_core::digest::Element;
 use sync_core::model::micros;
 use sync_core::{DeviceId, Entry, IndexId, Location, LocationId, Seq, Watermark};
 
 use crate::OwnerState;
+use crate::digest::{self, DigestDelta};
 use crate::error::{Result, StorageError};
 use crate::rows::{IDS_PER_STMT, i2u, id16, u2i};
 
@@ -45,20 +47,24 @@ fn id_arg(id: [u8; 16]) -> Vec<u8> {
 }
 
 /// Builds `INSERT INTO t (cols) SELECT c1, ?, c2.. FROM (VALUES (?..) x rows)
-/// WHERE true ON CONFLICT(id) DO UPDATE ... WHERE higher seq, same owner`.
+/// WHERE true ON CONFLICT(id) DO UPDATE SET c = CASE WHEN <wins> THEN
+/// excluded.c ELSE c END ...`, where a record wins with a higher seq of
+/// the same owner.
 ///
-/// `select` names the VALUES columns (`columnN`) with the owner `?` in its
-/// place. Parameters are anonymous `?`: sqlx asks `sqlite3_bind_parameter_name`
-/// for every parameter, and with numbered `?NNN` parameters that lookup is a
-/// linear scan, making a 12K-parameter statement quadratic. (`WHERE true`
-/// resolves the parsing ambiguity of an upsert on `INSERT ... SELECT`.)
+/// The update always runs, so the digest's triggers see every conflicting
+/// row: a loser as an unchanged pair (see `digest.rs`). `select` names the
+/// VALUES columns (`columnN`) with the owner `?` in its place. Parameters
+/// are anonymous `?`: sqlx asks `sqlite3_bind_parameter_name` for every
+/// parameter, and with numbered `?NNN` parameters that lookup is a linear
+/// scan, making a 12K-parameter statement quadratic. (`WHERE true` resolves
+/// the parsing ambiguity of an upsert on `INSERT ... SELECT`.)
 fn upsert_sql(
     table: &str,
     columns: &str,
     select: &str,
     per_row: usize,
     rows: usize,
-    set: &str,
+    set: &[&str],
 ) -> String {
     let mut row = String::with_capacity(per_row * 2 + 2);
     row.push('(');
@@ -69,7 +75,7 @@ fn upsert_sql(
         row.push('?');
     }
     row.push(')');
-    let mut sql = String::with_capacity(600 + rows * (row.len() + 1));
+    let mut sql = String::with_capacity(1200 + rows * (row.len() + 1));
     sql.push_str("INSERT INTO ");
     sql.push_str(table);
     sql.push_str(" (");
@@ -84,12 +90,15 @@ fn upsert_sql(
         sql.push_str(&row);
     }
     sql.push_str(") WHERE true ON CONFLICT(id) DO UPDATE SET ");
-    sql.push_str(set);
-    sql.push_str(" WHERE excluded.seq > ");
-    sql.push_str(table);
-    sql.push_str(".seq AND excluded.owner = ");
-    sql.push_str(table);
-    sql.push_str(".owner");
+    let wins = format!("excluded.seq > {table}.seq AND excluded.owner = {table}.owner");
+    for (i, c) in set.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "{c} = CASE WHEN {wins} THEN excluded.{c} ELSE {table}.{c} END"
+        ));
+    }
     sql
 }
 
@@ -102,10 +111,18 @@ fn entry_upsert_sql(rows: usize) -> String {
          column10, column11",
         11,
         rows,
-        "location = excluded.location, parent = excluded.parent, name = excluded.name, \
-         kind = excluded.kind, size = excluded.size, inode = excluded.inode, \
-         created_at = excluded.created_at, modified_at = excluded.modified_at, \
-         seq = excluded.seq, deleted = excluded.deleted",
+        &[
+            "location",
+            "parent",
+            "name",
+            "kind",
+            "size",
+            "inode",
+            "created_at",
+            "modified_at",
+            "deleted",
+            "seq",
+        ],
     )
 }
 
@@ -117,7 +134,7 @@ fn location_upsert_sql(rows: usize) -> String {
         "column1, ?, column2, column3, column4, column5",
         5,
         rows,
-        "path = excluded.path, name = excluded.name, seq = excluded.seq, deleted = excluded.deleted",
+        &["path", "name", "deleted", "seq"],
     )
 }
 
@@ -175,20 +192,26 @@ pub(crate) async fn upsert_entries(
     conn: &mut SqliteConnection,
     owner: DeviceId,
     entries: &[&Entry],
+    delta: &mut DigestDelta,
 ) -> Result<()> {
     let owner = owner.to_bytes();
     let mut chunks = entries.chunks(ENTRY_ROWS_PER_STMT);
-    let mut next = chunks
-        .next()
-        .map(|ch| entry_statement(&owner, ch))
-        .transpose()?;
+    let mut current = chunks.next();
+    let mut next = current.map(|ch| entry_statement(&owner, ch)).transpose()?;
     while let Some((sql, args)) = next.take() {
+        let hashed = current.take();
         let following = chunks.next();
+        // While SQLite runs this statement (on sqlx's worker thread): its
+        // records join the digest, and the next statement is built.
         let (done, built) = tokio::join!(sqlx::query_with(sql, args).execute(&mut *conn), async {
+            for e in hashed.into_iter().flatten() {
+                delta.add(&Element::of_entry(e), e.seq);
+            }
             following.map(|ch| entry_statement(&owner, ch)).transpose()
         });
         done.map_err(db_err)?;
         next = built?;
+        current = following;
     }
     Ok(())
 }
@@ -198,8 +221,12 @@ pub(crate) async fn upsert_locations(
     conn: &mut SqliteConnection,
     owner: DeviceId,
     locations: &[&Location],
+    delta: &mut DigestDelta,
 ) -> Result<()> {
     static FULL: OnceLock<String> = OnceLock::new();
+    for l in locations {
+        delta.add(&Element::of_location(l), l.seq);
+    }
     for chunk in locations.chunks(LOCATION_ROWS_PER_STMT) {
         let sql = sized_sql(
             &FULL,
@@ -406,8 +433,9 @@ pub(crate) async fn set_local_index(
     Ok(())
 }
 
-/// Deletes every entry and location of `owner`.
+/// Deletes every entry and location of `owner`, and its digest.
 pub(crate) async fn drop_owner_rows(conn: &mut SqliteConnection, owner: DeviceId) -> Result<()> {
+    digest::clear_owner(conn, owner).await?;
     for sql in [
         "DELETE FROM entry WHERE owner = ?",
         "DELETE FROM location WHERE owner = ?",

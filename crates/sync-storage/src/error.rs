@@ -49,6 +49,33 @@ pub enum StorageError {
         /// What is wrong.
         detail: String,
     },
+    /// A batch holds two records of one id: refused whole (which one would win is not defined).
+    #[error("batch of owner {} holds record {id} twice", owner.fmt_short())]
+    DuplicateRecord {
+        /// The owner the records were sent for.
+        owner: DeviceId,
+        /// The repeated id (short form).
+        id: String,
+    },
+    /// A repair's result differs from the digest its source claimed:
+    /// rolled back, nothing written.
+    #[error(
+        "repair of owner {} refused: the result would be {got} records with digest {got_digest}, \
+         the source claimed {want} with {want_digest}",
+        owner.fmt_short()
+    )]
+    RepairMismatch {
+        /// Whose records.
+        owner: DeviceId,
+        /// Records the source claimed.
+        want: u64,
+        /// Digest the source claimed (short form).
+        want_digest: String,
+        /// Records the result would hold.
+        got: u64,
+        /// Digest of the result (short form).
+        got_digest: String,
+    },
     /// A record's seq lies outside the batch's range `(after, last]`, or the range is inverted.
     #[error("record seq {seq} outside the batch range ({after}, {last}]")]
     BadRange {

@@ -18,8 +18,10 @@
 //! ```
 #![warn(clippy::print_stdout)]
 
+mod audit;
 mod bulk;
 mod checkpoint;
+mod digest;
 mod error;
 mod import;
 mod lock;
@@ -32,6 +34,8 @@ mod snapshot;
 mod types;
 mod write;
 
+#[cfg(test)]
+mod digest_tests;
 #[cfg(test)]
 mod hostile_snapshot_tests;
 #[cfg(any(test, feature = "test-utils"))]
@@ -53,6 +57,7 @@ use sea_orm_migration::MigratorTrait;
 use sync_core::{DeviceId, IndexId, LibraryId, Seq, Watermark};
 use tracing::Instrument;
 
+pub use audit::AuditFinding;
 pub use error::{Result, StorageError};
 pub use import::{MAX_NAME_BYTES, MAX_PATH_BYTES};
 pub use lock::{DirLock, LOCK_FILE};
@@ -94,6 +99,10 @@ struct Inner {
     /// The same pool as `reader`, for reads that fetch through sqlx
     /// directly (see `read::records_after`).
     reader_pool: SqlitePool,
+    /// `PRAGMA data_version` of the writer when the digests were last
+    /// audited: it moves only when another connection (another program)
+    /// commits to the file.
+    audited_version: std::sync::Mutex<Option<i64>>,
     /// Held across multi-statement write work (transactions, ATTACH .. DETACH)
     /// so nothing interleaves on the writer connection.
     write_lock: tokio::sync::Mutex<()>,
@@ -230,11 +239,20 @@ impl Store {
                 .idle_timeout(None)
                 .max_lifetime(None)
                 .after_release(|conn, _| Box::pin(writer_in_sync(conn)))
+                // A replaced writer gets the digest's temp triggers again
+                // (the first one gets them after the migrations, below).
+                .after_connect(|conn, _| Box::pin(digest::install_temp_schema(conn)))
                 .connect_with(writer_opts)
                 .await
                 .map_err(|e| sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))?;
             let writer = SqlxSqliteConnector::from_sqlx_sqlite_pool(writer_pool.clone());
             Migrator::up(&writer, None).await?;
+            {
+                let mut conn = writer_pool.acquire().await.map_err(bulk::db_err)?;
+                digest::install_temp_schema(&mut conn)
+                    .await
+                    .map_err(bulk::db_err)?;
+            }
 
             let reader_opts = connect_options(db_path)
                 .read_only(true)
@@ -259,6 +277,7 @@ impl Store {
                     reader,
                     reader_pool,
                     write_lock: tokio::sync::Mutex::new(()),
+                    audited_version: std::sync::Mutex::new(None),
                     db_path: db_path.to_path_buf(),
                     snapshots_dir,
                     incoming_dir,
@@ -270,6 +289,7 @@ impl Store {
             if let Some(d) = store.load_device().await? {
                 let _ = store.inner.device.set(d);
             }
+            store.digest_undigested_owners().await?;
             tracing::debug!("library open");
             Ok(store)
         }

@@ -15,7 +15,7 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M0001Initial)]
+        vec![Box::new(M0001Initial), Box::new(M0002Digests)]
     }
 }
 
@@ -113,6 +113,53 @@ impl MigrationTrait for M0001Initial {
 
     fn use_transaction(&self) -> Option<bool> {
         // SQLite has transactional DDL: a failed migration leaves nothing behind.
+        Some(true)
+    }
+}
+
+/// Per-owner content digests and range fingerprints (see `digest.rs`);
+/// the rows of a library made before it are digested when it is opened.
+struct M0002Digests;
+
+impl MigrationName for M0002Digests {
+    fn name(&self) -> &str {
+        "m0002_digests"
+    }
+}
+
+/// Statements of the digest tables.
+const DIGESTS: &[&str] = &[
+    "CREATE TABLE owner_digest (
+        owner BLOB PRIMARY KEY NOT NULL CHECK (length(owner) = 16),
+        lthash BLOB NOT NULL CHECK (length(lthash) = 2048),
+        records INTEGER NOT NULL CHECK (records >= 0)
+    ) WITHOUT ROWID",
+    "CREATE TABLE recon_bucket (
+        owner BLOB NOT NULL CHECK (length(owner) = 16),
+        bucket INTEGER NOT NULL,
+        records INTEGER NOT NULL,
+        fp BLOB NOT NULL CHECK (length(fp) = 16),
+        PRIMARY KEY (owner, bucket)
+    ) WITHOUT ROWID",
+    "CREATE TABLE owner_statement (
+        owner BLOB PRIMARY KEY NOT NULL CHECK (length(owner) = 16),
+        seq INTEGER NOT NULL,
+        statement BLOB NOT NULL
+    ) WITHOUT ROWID",
+];
+
+#[allow(elided_lifetimes_in_paths)] // async_trait cannot name the lifetime
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for M0002Digests {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        for sql in DIGESTS {
+            sea_orm::ConnectionTrait::execute_unprepared(db, sql).await?;
+        }
+        Ok(())
+    }
+
+    fn use_transaction(&self) -> Option<bool> {
         Some(true)
     }
 }

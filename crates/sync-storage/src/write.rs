@@ -11,6 +11,7 @@ use crate::bulk::{
     self, db_err, location_owners, owner_state, set_local_seq, set_watermark, tombstone,
     upsert_entries, upsert_locations,
 };
+use crate::digest::{self, DigestDelta};
 use crate::error::{Result, StorageError};
 use crate::types::{LocalChange, SeqRange};
 
@@ -220,10 +221,12 @@ async fn commit_local_tx(
             }
         }
     }
-    upsert_locations(&mut txn, owner, &locs).await?;
-    upsert_entries(&mut txn, owner, &ents).await?;
+    let mut deltas = HashMap::new();
+    upsert_with_digest(&mut txn, owner, &locs, &ents, &mut deltas).await?;
     tombstone(&mut txn, "location", owner, &del_locs).await?;
     tombstone(&mut txn, "entry", owner, &del_ents).await?;
+    digest::apply_updates(&mut deltas, digest::take_changed(&mut txn).await?);
+    digest::save(&mut txn, deltas).await?;
     set_local_seq(&mut txn, owner, seq).await?;
     txn.commit().await.map_err(db_err)?;
     sync_core::crash_point("commit.txn");
@@ -432,6 +435,17 @@ pub(crate) fn split_records(
     }
     locs.sort_unstable_by_key(|l| l.id);
     ents.sort_unstable_by_key(|e| e.id);
+    let dup_loc = locs
+        .windows(2)
+        .find(|w| w[0].id == w[1].id)
+        .map(|w| w[0].id.fmt_short());
+    let dup_ent = ents
+        .windows(2)
+        .find(|w| w[0].id == w[1].id)
+        .map(|w| w[0].id.fmt_short());
+    if let Some(id) = dup_loc.or(dup_ent) {
+        return Err(StorageError::DuplicateRecord { owner, id });
+    }
     Ok((locs, ents))
 }
 
@@ -447,8 +461,35 @@ pub(crate) async fn write_records(
     ents: &[&Entry],
 ) -> Result<()> {
     check_batch_locations(conn, owner, locs, ents).await?;
-    upsert_locations(conn, owner, locs).await?;
-    upsert_entries(conn, owner, ents).await
+    let mut deltas = HashMap::new();
+    upsert_with_digest(conn, owner, locs, ents, &mut deltas).await?;
+    digest::save(conn, deltas).await
+}
+
+/// The upserts of checked, id-sorted records with their digest change:
+/// every upserted record is added, then the rows the upsert updated are
+/// corrected from what the triggers captured (see `digest.rs`).
+async fn upsert_with_digest(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    locs: &[&Location],
+    ents: &[&Entry],
+    deltas: &mut HashMap<DeviceId, DigestDelta>,
+) -> Result<()> {
+    let d = deltas.entry(owner).or_default();
+    upsert_locations(conn, owner, locs, d).await?;
+    upsert_entries(conn, owner, ents, d).await?;
+    let changed = digest::take_changed(conn).await?;
+    digest::correct_upserts(deltas, changed, |old| match old {
+        Record::Entry(o) => ents
+            .binary_search_by_key(&o.id, |e| e.id)
+            .ok()
+            .map(|i| Record::Entry(ents[i].clone())),
+        Record::Location(o) => locs
+            .binary_search_by_key(&o.id, |l| l.id)
+            .ok()
+            .map(|i| Record::Location(locs[i].clone())),
+    })
 }
 
 /// Every location of the batch, and every entry's location, must not be

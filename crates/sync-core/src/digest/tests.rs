@@ -111,10 +111,7 @@ fn length_prefixes_keep_field_boundaries() {
     let mut b = location();
     b.path = "a".into();
     b.name = "bc".into();
-    assert_ne!(
-        Element::of_location(&a).fp(),
-        Element::of_location(&b).fp()
-    );
+    assert_ne!(Element::of_location(&a).fp(), Element::of_location(&b).fp());
 }
 
 #[test]
@@ -213,4 +210,12 @@ fn every_statement_field_is_signed() {
     let mut v = s;
     v.digest = DigestId([9; 32]);
     assert_ne!(v.signing_bytes(), base);
+}
+
+#[test]
+fn the_short_fingerprint_is_the_elements_first_lanes() {
+    let r = Record::Entry(entry(7));
+    assert_eq!(Element::fp_of(&r), Element::of(&r).fp());
+    let l = Record::Location(location());
+    assert_eq!(Element::fp_of(&l), Element::of(&l).fp());
 }
