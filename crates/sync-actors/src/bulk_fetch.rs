@@ -421,6 +421,10 @@ impl Receiver {
             records,
             watermark,
         });
+        // Caught up with what the peer advertised: compare digests.
+        if watermark.seq.0 >= self.peer_max.load(Ordering::Relaxed) {
+            crate::verify::send_digests_soon(self.shared.clone(), self.owner, self.writer.clone());
+        }
     }
 
     async fn ack(&self, transfer: TransferId, last: Seq) -> Result<(), Refusal> {

@@ -41,6 +41,8 @@ pub struct EngineStatus {
     pub local: Watermark,
     /// Every owner held: entries, tombstones, watermark, fingerprint.
     pub owners: Vec<OwnerSummary>,
+    /// Every owner held: watermark, records and content digest.
+    pub digests: Vec<sync_core::digest::OwnerDigest>,
     /// Connected peers.
     pub peers: Vec<PeerStatus>,
 }
@@ -120,6 +122,7 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         events,
         shutdown: CancellationToken::new(),
         connected: tokio::sync::watch::Sender::new(Default::default()),
+        verify: Default::default(),
         panic_injected: std::sync::atomic::AtomicBool::new(false),
         commits_in_flight: std::sync::atomic::AtomicUsize::new(0),
     });
@@ -389,7 +392,9 @@ impl SyncEngine {
         let store = self.store();
         let local = store.local_watermark().await?;
         let owners = store.summaries().await?;
+        let digests = store.owner_digests().await?;
         Ok(EngineStatus {
+            digests,
             device_id: self.device().device_id,
             library_id: self.device().library_id,
             local,

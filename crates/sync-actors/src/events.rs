@@ -116,6 +116,28 @@ pub enum SyncEvent {
         /// This device's max seq.
         local_seq: Seq,
     },
+    /// A peer's copy of an owner's records was compared with this
+    /// device's (when the two exchange `Digests`: at session start and after
+    /// transfers), and the result changed.
+    Verified {
+        /// The peer.
+        peer: DeviceId,
+        /// Whose records.
+        owner: DeviceId,
+        /// Identical at a seq, behind, ahead, another index, or differing.
+        state: sync_core::digest::Verification,
+    },
+    /// Rows of an owner were changed behind the engine's back (another
+    /// program wrote the library file): its digest now follows the rows,
+    /// and peers repair the difference.
+    RowsChangedOutside {
+        /// Whose records.
+        owner: DeviceId,
+        /// Records the digest counted before.
+        stored_records: u64,
+        /// Records the rows hold.
+        actual_records: u64,
+    },
     /// A transfer started.
     TransferStarted {
         /// Transfer id.

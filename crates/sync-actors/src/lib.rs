@@ -25,6 +25,7 @@ mod peer_session;
 mod shared;
 mod snapshot_exporter;
 mod supervisor;
+mod verify;
 
 pub use config::{EngineConfig, Faults};
 pub use engine::{EngineStatus, SyncEngine, init_device};

@@ -19,7 +19,8 @@ use crate::events::SyncEvent;
 use crate::shared::SharedRef;
 use crate::snapshot_exporter::{ServeChunks, SnapshotExporter};
 use crate::supervisor::{
-    AckReceived, FetchReceived, PeerWatermarks, SessionClosed, SessionOpened, SessionOrigin,
+    AckReceived, FetchReceived, PeerWatermarks, RepairWanted, SessionClosed, SessionOpened,
+    SessionOrigin,
     TransferSupervisor,
 };
 
@@ -265,6 +266,20 @@ struct Router {
 impl Router {
     /// Reads until the link ends; returns why, or `None` for a clean close.
     async fn run(self, mut reader: ConnReader) -> Option<String> {
+        // Digests first (rows another program changed are found before
+        // they are claimed), so that the peer's plan for this device's
+        // records, made when `Watermarks` arrives, knows what it holds.
+        if let Err(e) = crate::verify::audit(&self.shared).await {
+            warn!(cause = %e, "digest audit failed");
+        }
+        match crate::verify::digests_message(&self.shared).await {
+            Ok(msg) => {
+                if let Err(e) = self.writer.send(msg).await {
+                    return Some(format!("link lost: {e}"));
+                }
+            }
+            Err(e) => return Some(e.to_string()),
+        }
         match self.shared.watermarks_message().await {
             Ok(msg) => {
                 if let Err(e) = self.writer.send(msg).await {
@@ -488,6 +503,19 @@ impl Router {
                 Err((code, message))
             }
             Wire::Keepalive => Ok(()),
+            Wire::Digests { claims, .. } => {
+                let compared = crate::verify::on_digests(&self.shared, self.peer, claims)
+                    .await
+                    .map_err(|e| (ErrorCode::Storage, e.to_string()))?;
+                if let Some(claim) = compared.repair_mine {
+                    self.supervisor.do_send(RepairWanted {
+                        peer: self.peer,
+                        generation: self.generation,
+                        claim,
+                    });
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     /// transactions, and planning a transfer in the middle would pick a
     /// strategy for a fraction of it.
     pub commits_in_flight: std::sync::atomic::AtomicUsize,
+    /// What peers hold and how it compares with this device's copies.
+    pub verify: crate::verify::Verifications,
     /// Set once an injected sender panic has fired (`Faults`), so the retry runs clean.
     pub panic_injected: std::sync::atomic::AtomicBool,
 }

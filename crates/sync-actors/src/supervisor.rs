@@ -21,6 +21,7 @@ use sync_core::{
     DeviceId, IndexId, Message as Wire, PeerHolding, Seq, Strategy, TransferId, Watermark,
     choose_strategy,
 };
+use sync_core::digest::{OwnerDigest, Verification};
 use sync_net::{ConnWriter, PeerInfo};
 use sync_storage::{Checkpoint, TransferState};
 use tracing::{debug, info, warn};
@@ -106,6 +107,17 @@ pub(crate) struct PeerWatermarks {
     pub advertised: Option<Watermark>,
 }
 
+/// The peer's copy of this device's records differs from them (its
+/// `Digests` says so): a repair is due.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct RepairWanted {
+    pub peer: DeviceId,
+    pub generation: u64,
+    /// What the peer claims to hold of this device's records.
+    pub claim: OwnerDigest,
+}
+
 /// The peer acknowledged a batch or change.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -179,6 +191,9 @@ pub struct PeerStatus {
     pub transfer: TransferStatus,
     /// Frame bytes written to this peer on this session.
     pub bytes_sent: u64,
+    /// Per owner both hold: how the peer's copy compares with this
+    /// device's (from the `Digests` they last exchanged).
+    pub verification: Vec<(DeviceId, Verification)>,
 }
 
 /// What a peer's outgoing transfer is doing, as `status` shows it.
@@ -1070,6 +1085,7 @@ impl Handler<SessionClosed> for TransferSupervisor {
         let Some(st) = self.peers.remove(&msg.peer) else {
             return;
         };
+        self.shared.verify.forget(msg.peer);
         self.publish_connected();
         if let Some(out) = st.outgoing {
             let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
@@ -1158,6 +1174,10 @@ impl Handler<AckReceived> for TransferSupervisor {
             (Some(out), held) => st.holds_of_me = Some(advance(held, out.index_id, msg.last)),
             (None, Some(h)) => st.holds_of_me = Some(advance(Some(h), h.index_id, msg.last)),
             (None, None) => {}
+        }
+        // Caught up with this device's records: compare digests.
+        if st.told.is_some() && st.holds_of_me == st.told {
+            crate::verify::send_digests_soon(self.shared.clone(), msg.peer, st.writer.clone());
         }
         // Changes are acknowledged with a nil transfer id.
         if let Some(out) = &st.outgoing
@@ -1301,6 +1321,7 @@ impl Handler<GetPeers> for TransferSupervisor {
                 outgoing: st.outgoing.as_ref().map(|o| (o.transfer, o.strategy)),
                 transfer: st.transfer_status(),
                 bytes_sent: st.writer.bytes_sent(),
+                verification: self.shared.verify.of_peer(st.info.device),
             })
             .collect()
     }

@@ -390,10 +390,12 @@ pub async fn status(data: &Path, json: bool) -> anyhow::Result<()> {
     }
     let (store, device) = open_store(data).await?;
     let owners = store.summaries().await?;
+    let digests = store.owner_digests().await?;
     let view = ops::StatusView {
         device: device.device_id,
         name: &device.name,
         owners: &owners,
+        digests: &digests,
         peers: None,
         held_by: sync_storage::DirLock::holder(data),
     };

@@ -10,6 +10,7 @@ use anyhow::bail;
 use serde_json::json;
 use sync_actors::{EngineStatus, IndexReport, PeerStatus, SyncEngine};
 use sync_core::DeviceId;
+use sync_core::digest::OwnerDigest;
 use sync_net::{CertFingerprint, TrustStore};
 use sync_storage::OwnerSummary;
 
@@ -178,6 +179,8 @@ pub struct StatusView<'a> {
     pub name: &'a str,
     /// Every owner held.
     pub owners: &'a [OwnerSummary],
+    /// Every owner held: records and content digest.
+    pub digests: &'a [OwnerDigest],
     /// The running engine's peers (`None`: not reached through it).
     pub peers: Option<&'a [PeerStatus]>,
     /// The pid of the engine that holds the library (`Some(None)`: it
@@ -187,13 +190,19 @@ pub struct StatusView<'a> {
 
 /// `status` of a running engine.
 pub async fn status(engine: &SyncEngine, json: bool, out: &dyn Output) -> anyhow::Result<()> {
-    let EngineStatus { owners, peers, .. } = engine.status().await?;
+    let EngineStatus {
+        owners,
+        peers,
+        digests,
+        ..
+    } = engine.status().await?;
     let device = engine.device();
     print_status(
         &StatusView {
             device: device.device_id,
             name: &device.name,
             owners: &owners,
+            digests: &digests,
             peers: Some(&peers),
             held_by: Some(Some(std::process::id())),
         },
@@ -210,7 +219,10 @@ pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
             .owners
             .iter()
             .map(|o| {
+                let d = view.digests.iter().find(|d| d.owner == o.owner);
                 json!({
+                    "digest": d.map(|d| d.digest.to_string()),
+                    "records": d.map(|d| d.records),
                     "device_id": o.owner.to_string(),
                     "local": o.local,
                     "index_id": o.index_id.to_string(),
@@ -235,10 +247,16 @@ pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
     }
     out.line(&format!("device {} ({})", view.device, view.name));
     out.line(&format!(
-        "{:<38} {:>6} {:>12} {:>10} {:>10}  fingerprint",
+        "{:<38} {:>6} {:>12} {:>10} {:>10}  digest",
         "owner", "local", "seq", "entries", "tombstones"
     ));
     for o in view.owners {
+        let digest = view
+            .digests
+            .iter()
+            .find(|d| d.owner == o.owner)
+            .map(|d| d.digest.fmt_short())
+            .unwrap_or_else(|| "-".into());
         out.line(&format!(
             "{:<38} {:>6} {:>12} {:>10} {:>10}  {}",
             o.owner.to_string(),
@@ -246,7 +264,7 @@ pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
             o.seq.0,
             o.entries,
             o.tombstones,
-            o.fingerprint
+            digest
         ));
     }
     match (view.peers, view.held_by) {
@@ -261,6 +279,9 @@ pub fn print_status(view: &StatusView<'_>, json: bool, out: &dyn Output) {
             out.line("connected peers:");
             for p in peers {
                 out.line(&format!("  {}", describe_peer(p)));
+                for line in describe_verification(view.device, p) {
+                    out.line(&format!("    {line}"));
+                }
             }
         }
     }
@@ -281,6 +302,25 @@ fn describe_peer(p: &PeerStatus) -> String {
         describe_transfer(p),
         p.bytes_sent
     )
+}
+
+/// `status` lines about how a peer's copies compare with this device's,
+/// one per owner both hold: "my records: verified identical at 42",
+/// "records of 1a2b3c4d: behind (10 of 42)".
+pub fn describe_verification(me: DeviceId, p: &PeerStatus) -> Vec<String> {
+    p.verification
+        .iter()
+        .map(|(owner, v)| {
+            let whose = if *owner == me {
+                "my records".to_string()
+            } else if *owner == p.peer {
+                "its records".to_string()
+            } else {
+                format!("records of {}", owner.fmt_short())
+            };
+            format!("{whose}: {}", v.describe())
+        })
+        .collect()
 }
 
 /// One line for `status` about a connected peer's outgoing transfer, e.g.
@@ -369,6 +409,7 @@ mod tests {
             outgoing: None,
             transfer,
             bytes_sent: 0,
+            verification: Vec::new(),
         }
     }
 

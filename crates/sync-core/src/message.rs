@@ -27,7 +27,7 @@ use crate::id::{DeviceId, IndexId, LibraryId, LocationId, Seq, SnapshotId, Trans
 use crate::model::Record;
 
 /// The protocol version carried by `Hello`; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];
@@ -208,11 +208,23 @@ pub enum Message {
     },
     /// Keeps an idle connection alive.
     Keepalive,
+    /// What the sender holds of each owner, its own records first: the
+    /// watermark, record count and digest of each copy, at most
+    /// [`MAX_OWNERS`], read in one transaction; and the owner-signed
+    /// statement of its own records. Sent before `Watermarks` when a
+    /// session opens and again when a transfer between the two completes.
+    Digests {
+        /// One claim per owner held.
+        #[serde(deserialize_with = "claims")]
+        claims: Vec<crate::digest::OwnerDigest>,
+        /// The sender's signed statement about its own records.
+        statement: Option<crate::digest::SignedStatement>,
+    },
 }
 
 impl Message {
     /// Number of variants: tags at or above it are unknown.
-    pub const VARIANT_COUNT: u32 = 12;
+    pub const VARIANT_COUNT: u32 = 13;
 
     /// The wire tag of [`Message::Watermarks`].
     pub(crate) const WATERMARKS_TAG: u32 = 1;
@@ -224,6 +236,9 @@ impl Message {
         match self {
             Message::Watermarks(list) if list.len() > MAX_OWNERS => {
                 Some(too_many_owners(list.len() as u64))
+            }
+            Message::Digests { claims, .. } if claims.len() > MAX_OWNERS => {
+                Some(too_many_owners(claims.len() as u64))
             }
             _ => None,
         }
@@ -255,6 +270,7 @@ impl Message {
             Message::SnapshotChunk { .. } => "snapshot_chunk",
             Message::Error { .. } => "error",
             Message::Keepalive => "keepalive",
+            Message::Digests { .. } => "digests",
         }
     }
 }
@@ -270,6 +286,11 @@ fn too_many_owners(len: u64) -> String {
 
 /// Deserializes the `Watermarks` list, at most [`MAX_OWNERS`] entries.
 fn owners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(DeviceId, IndexId, Seq)>, D::Error> {
+    d.deserialize_seq(BoundedVec::<_, MAX_OWNERS>(PhantomData))
+}
+
+/// The bounded claim list of `Digests`.
+fn claims<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<crate::digest::OwnerDigest>, D::Error> {
     d.deserialize_seq(BoundedVec::<_, MAX_OWNERS>(PhantomData))
 }
 

@@ -1,0 +1,222 @@
+//! Verification: the `Digests` each side sends (what it holds of every
+//! owner, with the digest of exactly those records), the comparison with
+//! this device's own copies, and the per-peer, per-owner result that
+//! `status` and `SyncEvent::Verified` report.
+//!
+//! "Verified identical at S" is said only when both hold the same IndexId
+//! of an owner up to the same seq S and their digests (LtHash16 over every
+//! replicated field of every record) and record counts are equal: it is a
+//! statement about contents, not about watermarks.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sync_core::digest::{OwnerDigest, SignedStatement, Verification};
+use sync_core::{DeviceId, Message};
+use sync_net::ConnWriter;
+
+use crate::error::EngineError;
+use crate::events::SyncEvent;
+use crate::shared::{Shared, SharedRef};
+
+/// The least time between two `Digests` sent to one peer after transfers
+/// (a burst of live changes sends one, then one more when it settles).
+pub(crate) const DIGESTS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What this device knows about its peers' copies: their latest claims and
+/// the verification of each owner both hold.
+#[derive(Default)]
+pub(crate) struct Verifications {
+    inner: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Per peer: its latest claim per owner.
+    claims: HashMap<DeviceId, HashMap<DeviceId, OwnerDigest>>,
+    /// Per (peer, owner): the comparison of the peer's copy with ours.
+    results: HashMap<(DeviceId, DeviceId), Verification>,
+    /// Per peer: when `Digests` were last sent, and whether one more is due.
+    sent: HashMap<DeviceId, (Instant, bool)>,
+}
+
+impl Verifications {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The peer's latest claim about `owner`'s records.
+    pub(crate) fn claim(&self, peer: DeviceId, owner: DeviceId) -> Option<OwnerDigest> {
+        self.state()
+            .claims
+            .get(&peer)
+            .and_then(|c| c.get(&owner))
+            .copied()
+    }
+
+    /// Every verification result with `peer`, by owner.
+    pub(crate) fn of_peer(&self, peer: DeviceId) -> Vec<(DeviceId, Verification)> {
+        let mut out: Vec<_> = self
+            .state()
+            .results
+            .iter()
+            .filter(|((p, _), _)| *p == peer)
+            .map(|((_, o), v)| (*o, *v))
+            .collect();
+        out.sort_by_key(|(o, _)| *o);
+        out
+    }
+
+    /// Forgets a peer whose session ended.
+    pub(crate) fn forget(&self, peer: DeviceId) {
+        let mut st = self.state();
+        st.claims.remove(&peer);
+        st.results.retain(|(p, _), _| *p != peer);
+        st.sent.remove(&peer);
+    }
+
+    /// Whether a `Digests` may go to `peer` now; if not, marks one due and
+    /// returns the wait (the caller sends it then, once).
+    pub(crate) fn pace(&self, peer: DeviceId) -> Result<(), Option<Duration>> {
+        let mut st = self.state();
+        let now = Instant::now();
+        match st.sent.get_mut(&peer) {
+            Some((last, due)) if now.duration_since(*last) < DIGESTS_INTERVAL => {
+                if *due {
+                    return Err(None);
+                }
+                *due = true;
+                Err(Some(DIGESTS_INTERVAL - now.duration_since(*last)))
+            }
+            _ => {
+                st.sent.insert(peer, (now, false));
+                Ok(())
+            }
+        }
+    }
+
+    /// The delayed send `pace` asked for is going out now.
+    pub(crate) fn paced_send(&self, peer: DeviceId) {
+        self.state().sent.insert(peer, (Instant::now(), false));
+    }
+}
+
+/// Sends `Digests` to `peer` now, or once when the pace allows (a send
+/// already due covers this one).
+pub(crate) fn send_digests_soon(shared: SharedRef, peer: DeviceId, writer: ConnWriter) {
+    let wait = match shared.verify.pace(peer) {
+        Ok(()) => None,
+        Err(None) => return,
+        Err(Some(wait)) => Some(wait),
+    };
+    actix_rt::spawn(async move {
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+            shared.verify.paced_send(peer);
+        }
+        match digests_message(&shared).await {
+            Ok(msg) => {
+                let _ = writer.send(msg).await;
+            }
+            Err(e) => tracing::warn!(peer = %peer.fmt_short(), cause = %e, "digests not sent"),
+        }
+    });
+}
+
+/// Audits the stored digests against the rows if another program wrote
+/// the library since the last audit, and says which owners changed.
+pub(crate) async fn audit(shared: &Shared) -> Result<(), EngineError> {
+    for f in shared.store.audit_if_changed().await? {
+        shared.emit(SyncEvent::RowsChangedOutside {
+            owner: f.owner,
+            stored_records: f.stored.0,
+            actual_records: f.actual.0,
+        });
+    }
+    Ok(())
+}
+
+/// The `Digests` message: every copy this device holds, its own first,
+/// with the signed statement of its own records.
+pub(crate) async fn digests_message(shared: &Shared) -> Result<Message, EngineError> {
+    let me = shared.me();
+    let mut claims = shared.store.owner_digests().await?;
+    claims.sort_by_key(|d| (d.owner != me, d.owner));
+    let statement = own_statement(shared, claims.first().filter(|d| d.owner == me));
+    Ok(Message::Digests { claims, statement })
+}
+
+/// The signed statement of this device's own digest (none yet: signing
+/// arrives with the owner-signed statements).
+fn own_statement(_shared: &Shared, _own: Option<&OwnerDigest>) -> Option<SignedStatement> {
+    None
+}
+
+/// What a peer's `Digests` told this device.
+pub(crate) struct Compared {
+    /// The peer's copy of this device's own records differs from them at
+    /// the same seq, or holds another IndexId of them: a repair is due.
+    pub repair_mine: Option<OwnerDigest>,
+}
+
+/// Compares a peer's claims with this device's copies, records the results
+/// and emits `Verified` for each that changed.
+pub(crate) async fn on_digests(
+    shared: &Shared,
+    peer: DeviceId,
+    claims: Vec<OwnerDigest>,
+) -> Result<Compared, EngineError> {
+    let me = shared.me();
+    let mine: HashMap<DeviceId, OwnerDigest> = shared
+        .store
+        .owner_digests()
+        .await?
+        .into_iter()
+        .map(|d| (d.owner, d))
+        .collect();
+    let mut changed = Vec::new();
+    let mut repair_mine = None;
+    {
+        let mut st = shared.verify.state();
+        let held = st.claims.entry(peer).or_default();
+        held.clear();
+        for c in &claims {
+            held.insert(c.owner, *c);
+        }
+        for c in &claims {
+            let Some(m) = mine.get(&c.owner) else {
+                continue;
+            };
+            let v = Verification::of(m, c);
+            if c.owner == me && matches!(v, Verification::Differs { .. }) {
+                repair_mine = Some(*c);
+            }
+            if st.results.insert((peer, c.owner), v) != Some(v) {
+                changed.push((c.owner, v));
+            }
+        }
+    }
+    for (owner, v) in changed {
+        match v {
+            Verification::Differs { seq } => tracing::warn!(
+                peer = %peer.fmt_short(),
+                owner = %owner.fmt_short(),
+                seq = seq.0,
+                "copies differ at the same seq"
+            ),
+            _ => tracing::debug!(
+                peer = %peer.fmt_short(),
+                owner = %owner.fmt_short(),
+                state = %v.describe(),
+                "verification"
+            ),
+        }
+        shared.emit(SyncEvent::Verified {
+            peer,
+            owner,
+            state: v,
+        });
+    }
+    Ok(Compared { repair_mine })
+}
