@@ -73,6 +73,18 @@ pub enum NetError {
     /// The device key or certificate could not be created, read or parsed.
     #[error("identity: {0}")]
     Identity(String),
+    /// A digest statement about another owner's records: a device signs
+    /// statements about its own records only.
+    #[error(
+        "device {device} cannot sign a digest statement about owner {owner}: \
+         a device signs statements about its own records only"
+    )]
+    ForeignStatement {
+        /// The owner the statement names.
+        owner: DeviceId,
+        /// This device.
+        device: DeviceId,
+    },
     /// The trust store file could not be read, parsed or written.
     #[error("trust store: {0}")]
     Trust(String),

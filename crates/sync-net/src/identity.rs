@@ -157,6 +157,11 @@ impl Identity {
         &self.cert_der
     }
 
+    /// The device key, PKCS#8 DER (signing statements).
+    pub(crate) fn key_pkcs8(&self) -> &[u8] {
+        &self.key_der
+    }
+
     pub(crate) fn rustls_cert(&self) -> CertificateDer<'static> {
         CertificateDer::from(self.cert_der.clone())
     }

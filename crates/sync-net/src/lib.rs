@@ -10,6 +10,10 @@
 //! the DeviceId in `Hello` must be the one pinned for the certificate.
 //! Devices pair by exchanging an [`Invite`]: one string carrying the
 //! library id, the device id and the fingerprint.
+//! An owner signs what it holds of its own records with the same key
+//! ([`Identity::sign_statement`]); any device checks such a statement
+//! against the owner's pin ([`verify_statement`],
+//! [`TrustStore::verify_statement_pinned`]), whoever forwarded it.
 //!
 //! [`Listener::accept`] and [`dial`] give a [`Connection`], which splits
 //! into a [`ConnReader`] and a cloneable [`ConnWriter`]. [`memory_pair`]
@@ -26,6 +30,7 @@ mod fingerprint;
 mod identity;
 mod invite;
 mod net;
+mod statement;
 mod tls;
 mod trust;
 
@@ -48,6 +53,9 @@ pub use invite::{
     INVITE_PREFIX, INVITE_VERSION, Invite, MAX_ADDRESS, ParseInviteError, check_address,
 };
 pub use net::{Listener, dial, memory_pair};
+pub use statement::{
+    MAX_STATEMENT_CERTIFICATE, MAX_STATEMENT_SIGNATURE, StatementError, verify_statement,
+};
 pub use trust::TrustStore;
 
 /// Everything a listener or dialer needs: who we are, whom we trust, and the limits.
