@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use futures::StreamExt;
+use sync_core::digest::OwnerDigest;
 use sync_core::{
     BatchLimits, DeviceId, ErrorCode, Hash, IndexId, Message as Wire, Record, Seq, SnapshotId,
     Strategy, TransferId, Watermark, decode_records,
@@ -60,6 +61,15 @@ pub(crate) enum Inbound {
         index: u32,
         hash: Hash,
         data: Vec<u8>,
+    },
+    /// The records a repair sends, the seqs to drop, and the claim the
+    /// result must match.
+    Repair {
+        transfer: TransferId,
+        claim: OwnerDigest,
+        extra: Vec<Seq>,
+        count: u32,
+        payload: Vec<u8>,
     },
 }
 
@@ -275,11 +285,52 @@ impl From<StorageError> for Refusal {
     }
 }
 
+/// Decodes a payload of `count` records on the blocking pool, for no more
+/// records than it declares (so the payload's size limit follows the
+/// count too: a frame cannot make us allocate beyond what it claims); a
+/// count above the protocol's maximum is refused unread.
+async fn decode_counted(count: u32, payload: Vec<u8>) -> Result<Vec<Record>, Refusal> {
+    // A protocol-wide limit, not this device's batch size: peers may be
+    // configured differently.
+    let protocol = BatchLimits::default();
+    if count as usize > protocol.max_records {
+        return Err(Refusal {
+            code: ErrorCode::Malformed,
+            message: sync_core::DecodeError::TooManyRecords {
+                count: u64::from(count),
+                max: protocol.max_records as u64,
+            }
+            .to_string(),
+        });
+    }
+    let limits = BatchLimits {
+        max_records: (count as usize).min(protocol.max_records),
+        ..protocol
+    };
+    let records = tokio::task::spawn_blocking(move || decode_records(&payload, &limits))
+        .await
+        .map_err(|e| Refusal {
+            code: ErrorCode::Malformed,
+            message: format!("decode task: {e}"),
+        })?
+        .map_err(|e| Refusal {
+            code: ErrorCode::Malformed,
+            message: e.to_string(),
+        })?;
+    if records.len() as u64 != u64::from(count) {
+        return Err(Refusal {
+            code: ErrorCode::Malformed,
+            message: format!(
+                "batch declares {count} records but holds {}",
+                records.len()
+            ),
+        });
+    }
+    Ok(records)
+}
+
 impl Receiver {
     async fn run(mut self, rx: mpsc::Receiver<Inbound>) -> Result<(), String> {
-        // A protocol-wide limit, not this device's batch size: peers may
-        // be configured differently.
-        let protocol = BatchLimits::default();
         // Decode the next batch on the blocking pool while this one applies.
         let decoded = tokio_stream_from(rx)
             .map(move |msg| async move {
@@ -293,44 +344,7 @@ impl Receiver {
                         payload,
                     } => {
                         let bytes = payload.len() as u64;
-                        // Decode for no more records than the batch declares,
-                        // so the payload's size limit follows the count too: a
-                        // batch cannot make us allocate beyond what it claims.
-                        // A count above the protocol's maximum is refused unread.
-                        if count as usize > protocol.max_records {
-                            return Err(Refusal {
-                                code: ErrorCode::Malformed,
-                                message: sync_core::DecodeError::TooManyRecords {
-                                    count: u64::from(count),
-                                    max: protocol.max_records as u64,
-                                }
-                                .to_string(),
-                            });
-                        }
-                        let limits = BatchLimits {
-                            max_records: (count as usize).min(protocol.max_records),
-                            ..protocol
-                        };
-                        let records =
-                            tokio::task::spawn_blocking(move || decode_records(&payload, &limits))
-                                .await
-                                .map_err(|e| Refusal {
-                                    code: ErrorCode::Malformed,
-                                    message: format!("decode task: {e}"),
-                                })?
-                                .map_err(|e| Refusal {
-                                    code: ErrorCode::Malformed,
-                                    message: e.to_string(),
-                                })?;
-                        if records.len() as u64 != u64::from(count) {
-                            return Err(Refusal {
-                                code: ErrorCode::Malformed,
-                                message: format!(
-                                    "batch declares {count} records but holds {}",
-                                    records.len()
-                                ),
-                            });
-                        }
+                        let records = decode_counted(count, payload).await?;
                         Ok(Ready::Batch {
                             transfer,
                             index_id,
@@ -411,6 +425,13 @@ impl Receiver {
                 hash,
                 data,
             }) => self.chunk(id, index, hash, data).await,
+            Ready::Other(Inbound::Repair {
+                transfer,
+                claim,
+                extra,
+                count,
+                payload,
+            }) => self.repair(transfer, claim, extra, count, payload).await,
             Ready::Other(Inbound::Batch { .. }) => Ok(()),
         }
     }
@@ -424,6 +445,44 @@ impl Receiver {
         // Caught up with what the peer advertised: compare digests.
         if watermark.seq.0 >= self.peer_max.load(Ordering::Relaxed) {
             crate::verify::send_digests_soon(self.shared.clone(), self.owner, self.writer.clone());
+        }
+    }
+
+    /// Applies a repair: committed only if the result matches the claim.
+    /// A result that does not match writes nothing and is acknowledged
+    /// with the unchanged watermark (the source's records may have moved;
+    /// it tries again), and digests go back so both sides see the state.
+    async fn repair(
+        &mut self,
+        transfer: TransferId,
+        claim: OwnerDigest,
+        extra: Vec<Seq>,
+        count: u32,
+        payload: Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let records = decode_counted(count, payload).await?;
+        let n = records.len() as u64;
+        match self.shared.store.apply_repair(claim, &extra, records).await {
+            Ok(wm) => {
+                self.applied(n, wm);
+                self.ack(transfer, wm.seq).await
+            }
+            Err(e @ StorageError::RepairMismatch { .. }) => {
+                warn!(peer = %self.owner.fmt_short(), cause = %e, "repair refused: nothing written");
+                let held = self
+                    .shared
+                    .store
+                    .watermark(self.owner)
+                    .await?
+                    .map_or(Seq::ZERO, |w| w.seq);
+                crate::verify::send_digests_soon(
+                    self.shared.clone(),
+                    self.owner,
+                    self.writer.clone(),
+                );
+                self.ack(transfer, held).await
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -123,6 +123,7 @@ async fn boot(config: EngineConfig) -> Result<Actors, EngineError> {
         shutdown: CancellationToken::new(),
         connected: tokio::sync::watch::Sender::new(Default::default()),
         verify: Default::default(),
+        repairs: Default::default(),
         panic_injected: std::sync::atomic::AtomicBool::new(false),
         commits_in_flight: std::sync::atomic::AtomicUsize::new(0),
     });

@@ -22,6 +22,9 @@ pub enum EngineError {
         /// What was wrong.
         what: String,
     },
+    /// A repair could not run to its end (it is retried like a transfer).
+    #[error("repair: {0}")]
+    Repair(String),
     /// A peer is not connected.
     #[error("peer {0} is not connected")]
     NotConnected(DeviceId),

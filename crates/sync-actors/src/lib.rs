@@ -22,6 +22,7 @@ mod error;
 mod events;
 mod indexer;
 mod peer_session;
+mod repair;
 mod shared;
 mod snapshot_exporter;
 mod supervisor;

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
 use sync_core::untrusted::for_log;
-use sync_core::{DeviceId, ErrorCode, Message as Wire};
+use sync_core::reconcile::{ReconMessage, Reconciler, Role, View};
+use sync_core::{DeviceId, ErrorCode, Message as Wire, Seq, TransferId};
 use sync_net::{ConnReader, ConnWriter, NetError, PeerInfo};
 use sync_storage::SnapshotOfferInfo;
 use tokio::sync::oneshot;
@@ -167,6 +168,7 @@ impl Actor for PeerSession {
             exporter: self.exporter.clone(),
             job,
             peer_max,
+            recon: tokio::sync::Mutex::new(None),
         };
         let session = ctx.address();
         let task = actix_rt::spawn(
@@ -261,6 +263,9 @@ struct Router {
     exporter: Addr<SnapshotExporter>,
     job: Addr<BulkFetchJob>,
     peer_max: Arc<AtomicU64>,
+    /// The reconciliation this device is answering: the repair, its state
+    /// and its view of the peer's records.
+    recon: tokio::sync::Mutex<Option<(TransferId, Reconciler, View)>>,
 }
 
 impl Router {
@@ -335,6 +340,53 @@ impl Router {
             ));
         }
         Ok(())
+    }
+
+    /// Answers one reconciliation round about the peer's records, from this
+    /// device's copy of them (persisted buckets plus the items of the
+    /// buckets the round needs).
+    async fn answer_round(
+        &self,
+        transfer: TransferId,
+        owner: DeviceId,
+        upto: Seq,
+        round: ReconMessage,
+    ) -> Result<(), (ErrorCode, String)> {
+        let storage = |e: crate::error::EngineError| (ErrorCode::Storage, e.to_string());
+        let mut guard = self.recon.lock().await;
+        if guard.as_ref().is_none_or(|r| r.0 != transfer) {
+            let held = self
+                .shared
+                .store
+                .watermark(owner)
+                .await
+                .map_err(|e| storage(e.into()))?
+                .map_or(Seq::ZERO, |w| w.seq);
+            let view = crate::repair::view_of(&self.shared.store, owner, held)
+                .await
+                .map_err(storage)?;
+            *guard = Some((transfer, Reconciler::new(Role::Responder, upto), view));
+        }
+        let Some((_, rec, view)) = guard.as_mut() else {
+            return Ok(());
+        };
+        let need = rec.buckets_needed(view, &round);
+        crate::repair::load_buckets(&self.shared.store, owner, view, need)
+            .await
+            .map_err(storage)?;
+        let (reply, _) = rec.respond(view, &round).map_err(|e| {
+            (
+                ErrorCode::Malformed,
+                format!("reconciliation round refused: {e}"),
+            )
+        })?;
+        self.writer
+            .send(Wire::ReconReply {
+                transfer,
+                round: reply,
+            })
+            .await
+            .map_err(|e| (ErrorCode::Unexpected, format!("link lost: {e}")))
     }
 
     async fn to_job(&self, msg: Inbound) -> Result<(), (ErrorCode, String)> {
@@ -503,7 +555,46 @@ impl Router {
                 Err((code, message))
             }
             Wire::Keepalive => Ok(()),
-            Wire::Digests { claims, .. } => {
+            Wire::ReconRequest {
+                transfer,
+                owner,
+                upto,
+                round,
+                ..
+            } => {
+                self.own(owner, "reconciliation")?;
+                self.answer_round(transfer, owner, upto, round).await
+            }
+            Wire::ReconReply { transfer, round } => {
+                // A reply to a repair that has ended is stale, not wrong.
+                if let Some(inbox) = self.shared.repairs.get(&transfer) {
+                    let _ = inbox.try_send(crate::repair::RepairInbound::Round(round));
+                }
+                Ok(())
+            }
+            Wire::RepairBatch {
+                transfer,
+                claim,
+                extra,
+                count,
+                payload,
+            } => {
+                self.own(claim.owner, "repair")?;
+                self.to_job(Inbound::Repair {
+                    transfer,
+                    claim,
+                    extra,
+                    count,
+                    payload,
+                })
+                .await
+            }
+            Wire::Digests { claims, statement } => {
+                if let Some(signed) = statement {
+                    crate::verify::on_statement(&self.shared, self.peer, &claims, signed)
+                        .await
+                        .map_err(|e| (ErrorCode::BadStatement, e))?;
+                }
                 let compared = crate::verify::on_digests(&self.shared, self.peer, claims)
                     .await
                     .map_err(|e| (ErrorCode::Storage, e.to_string()))?;

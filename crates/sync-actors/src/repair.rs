@@ -60,7 +60,7 @@ pub(crate) async fn load_buckets(
             .map(|(seq, id, fp)| Item { seq, id, fp })
             .collect();
         view.load_items(b, items)
-            .map_err(|e| EngineError::Protocol(format!("reconciliation view: {e}")))?;
+            .map_err(|e| EngineError::Repair(format!("reconciliation view: {e}")))?;
     }
     Ok(())
 }
@@ -104,7 +104,10 @@ pub(crate) async fn run(
             let reply = match next(&mut inbox).await? {
                 RepairInbound::Round(m) => m,
                 RepairInbound::Ack(_) => {
-                    return Err(EngineError::Protocol("an ack before the repair".into()));
+                    return Err(EngineError::Protocol {
+                        peer: plan.peer,
+                        what: "an ack of a repair before the repair".into(),
+                    });
                 }
             };
             let need = rec.buckets_needed(&view, &reply);
@@ -152,9 +155,9 @@ async fn send_round(
 async fn next(inbox: &mut mpsc::Receiver<RepairInbound>) -> Result<RepairInbound, EngineError> {
     match tokio::time::timeout(ROUND_TIMEOUT, inbox.recv()).await {
         Ok(Some(m)) => Ok(m),
-        Ok(None) => Err(EngineError::Protocol("repair abandoned".into())),
-        Err(_) => Err(EngineError::Protocol(
-            "the peer did not answer a reconciliation round in time".into(),
+        Ok(None) => Err(EngineError::Repair("abandoned".into())),
+        Err(_) => Err(EngineError::Repair(
+            "the peer did not answer in time".into(),
         )),
     }
 }
@@ -171,16 +174,16 @@ async fn send_repair(
     bytes: u64,
 ) -> Result<Totals, EngineError> {
     if found.extra.len() > MAX_REPAIR_RECORDS || found.need.len() > MAX_REPAIR_RECORDS {
-        return Err(EngineError::Protocol(format!(
-            "difference too large to repair ({} to send, {} to drop; at most {MAX_REPAIR_RECORDS})",
+        return Err(EngineError::Repair(format!(
+            "difference too large ({} to send, {} to drop; at most {MAX_REPAIR_RECORDS})",
             found.extra.len(),
             found.need.len()
         )));
     }
     let (records, claim) = shared.store.records_at(shared.me(), &found.extra).await?;
-    let claim = claim.ok_or(EngineError::Protocol("no digest of this device".into()))?;
+    let claim = claim.ok_or(EngineError::Repair("no digest of this device".into()))?;
     if claim.watermark != local {
-        return Err(EngineError::Protocol(
+        return Err(EngineError::Repair(
             "this device committed during the repair: it starts again".into(),
         ));
     }
@@ -206,8 +209,8 @@ async fn send_repair(
                 });
             }
             RepairInbound::Ack(seq) => {
-                return Err(EngineError::Protocol(format!(
-                    "the peer did not commit the repair (it holds seq {seq})"
+                return Err(EngineError::Repair(format!(
+                    "the peer did not commit it (it holds seq {seq})"
                 )));
             }
             RepairInbound::Round(_) => {}
@@ -219,10 +222,10 @@ async fn send_repair(
 async fn encode(records: Vec<Record>) -> Result<Vec<u8>, EngineError> {
     tokio::task::spawn_blocking(move || encode_records(&records))
         .await
-        .map_err(|e| EngineError::Protocol(format!("encode task: {e}")))
+        .map_err(|e| EngineError::Repair(format!("encode task: {e}")))
 }
 
 /// A reconciliation error of this side (a peer's shows up on its side).
 fn recon_err(e: sync_core::reconcile::ReconError) -> EngineError {
-    EngineError::Protocol(format!("reconciliation: {e}"))
+    EngineError::Repair(format!("reconciliation: {e}"))
 }

@@ -31,6 +31,11 @@ pub(crate) struct Shared {
     pub commits_in_flight: std::sync::atomic::AtomicUsize,
     /// What peers hold and how it compares with this device's copies.
     pub verify: crate::verify::Verifications,
+    /// The inbox of each running repair, by transfer id.
+    pub repairs: dashmap::DashMap<
+        sync_core::TransferId,
+        tokio::sync::mpsc::Sender<crate::repair::RepairInbound>,
+    >,
     /// Set once an injected sender panic has fired (`Faults`), so the retry runs clean.
     pub panic_injected: std::sync::atomic::AtomicBool,
 }

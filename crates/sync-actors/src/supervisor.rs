@@ -261,6 +261,8 @@ impl Failure {
 enum OutKind {
     Broadcast(Addr<BatchBroadcaster>, Pace),
     Snapshot { max_seq: Seq, index_id: IndexId },
+    /// A repair task (`repair.rs`); its inbox is in `Shared::repairs`.
+    Repair,
 }
 
 struct Outgoing {
@@ -294,6 +296,11 @@ struct PeerState {
     /// This device's watermark as last told to the peer by a plan (the
     /// session's opening `Watermarks` aside).
     told: Option<Watermark>,
+    /// The peer's copy of this device's records differs: repair it next.
+    repair_wanted: Option<OwnerDigest>,
+    /// Repairs tried on this session (a copy that keeps differing after
+    /// [`MAX_REPAIRS`] is left as it is, and says so).
+    repairs: u32,
 }
 
 impl PeerState {
@@ -335,6 +342,12 @@ fn advance(held: Option<Watermark>, index_id: IndexId, last: Seq) -> Watermark {
         _ => Watermark::new(index_id, last),
     }
 }
+
+/// Repairs of one peer's copy per session before it is left differing.
+const MAX_REPAIRS: u32 = 3;
+/// Records a peer must hold of another IndexId of this device's records
+/// for a repair to replace the resend (below it, resending is as cheap).
+const REPAIR_MIN_RECORDS: u64 = 1_000;
 
 /// The supervisor actor.
 pub(crate) struct TransferSupervisor {
@@ -459,6 +472,12 @@ impl TransferSupervisor {
             .map(move |res, act, ctx| {
                 let thresholds = act.shared.config.thresholds;
                 let me = act.shared.me();
+                let live = act.session_state(peer, generation).is_some();
+                let repair = match &res {
+                    Ok((local, PeerHolding::UpTo(held), _)) if *held > local.seq => false,
+                    Ok((_, holding, _)) => live && act.repair_due(peer, *holding),
+                    Err(_) => false,
+                };
                 let Some(st) = act.session_state(peer, generation) else {
                     return;
                 };
@@ -477,6 +496,7 @@ impl TransferSupervisor {
                     Ok((local, PeerHolding::UpTo(held), _)) if held > local.seq => {
                         act.restart_index(peer, held, local, ctx);
                     }
+                    Ok((local, _, _)) if repair => act.start_repair(peer, local, ctx),
                     Ok((local, holding, pending)) => {
                         let strategy =
                             choose_strategy(holding, pending, &thresholds);
@@ -567,6 +587,82 @@ impl TransferSupervisor {
             started_at: Utc::now(),
         };
         self.begin_outgoing(peer, out, start);
+    }
+
+    /// Whether the next transfer to `peer` is a repair: its copy of this
+    /// device's records differs from them, or holds another IndexId of
+    /// enough records that reconciling beats a resend.
+    fn repair_due(&mut self, peer: DeviceId, holding: PeerHolding) -> bool {
+        let me = self.shared.me();
+        let claim = self.shared.verify.claim(peer, me);
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        if st.repairs >= MAX_REPAIRS {
+            if st.repair_wanted.take().is_some() {
+                warn!(peer = %peer.fmt_short(), repairs = st.repairs, "the peer's copy still differs; not repaired again on this session");
+            }
+            return false;
+        }
+        if st.repair_wanted.is_some() {
+            return true;
+        }
+        holding == PeerHolding::OtherIndex
+            && claim.is_some_and(|c| c.records >= REPAIR_MIN_RECORDS)
+    }
+
+    /// Starts a repair of the peer's copy of this device's records.
+    fn start_repair(&mut self, peer: DeviceId, local: Watermark, ctx: &mut Context<Self>) {
+        let me = self.shared.me();
+        let (transfer, attempt) = self.next_transfer(peer);
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let claim = st
+            .repair_wanted
+            .take()
+            .or_else(|| self.shared.verify.claim(peer, me));
+        let Some(claim) = claim else {
+            return;
+        };
+        st.repairs += 1;
+        let generation = st.generation;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        self.shared.repairs.insert(transfer, tx);
+        let plan = crate::repair::RepairPlan {
+            transfer,
+            peer,
+            claim,
+            writer: st.writer.clone(),
+        };
+        info!(peer = %peer.fmt_short(), transfer = %transfer.fmt_short(), held = claim.watermark.seq.0, records = claim.records, "repair started");
+        let out = Outgoing {
+            transfer,
+            index_id: local.index_id,
+            strategy: Strategy::Repair,
+            kind: OutKind::Repair,
+            attempt,
+            total: claim.records,
+            started: Instant::now(),
+            started_at: Utc::now(),
+        };
+        self.begin_outgoing(peer, out, claim.watermark.seq);
+        let shared = self.shared.clone();
+        let me_addr = ctx.address();
+        actix_rt::spawn(async move {
+            let result = crate::repair::run(shared.clone(), plan, rx).await;
+            shared.repairs.remove(&transfer);
+            let outcome = match result {
+                Ok(totals) => Outcome::Completed(totals),
+                Err(e) => Outcome::Failed(e.to_string()),
+            };
+            me_addr.do_send(TransferEnded {
+                peer,
+                transfer,
+                generation,
+                outcome,
+            });
+        });
     }
 
     /// The id and attempt number of the next transfer to `peer`: a failed
@@ -996,6 +1092,8 @@ impl Handler<SessionOpened> for TransferSupervisor {
                 repump: false,
                 revoked: false,
                 told: None,
+                repair_wanted: None,
+                repairs: 0,
             },
         );
         self.publish_connected();
@@ -1005,13 +1103,25 @@ impl Handler<SessionOpened> for TransferSupervisor {
 }
 
 impl TransferSupervisor {
+    /// Stops the work of an outgoing transfer whose session is gone.
+    fn cancel(&self, out: Outgoing) {
+        match out.kind {
+            OutKind::Broadcast(addr, _) => addr.do_send(Cancel),
+            // Dropping its inbox ends the repair task.
+            OutKind::Repair => {
+                self.shared.repairs.remove(&out.transfer);
+            }
+            OutKind::Snapshot { .. } => {}
+        }
+    }
+
     /// Closes `peer`'s current session, which another one replaces, with `cause`.
     fn retire(&mut self, peer: DeviceId, cause: &str) {
         let Some(old) = self.peers.remove(&peer) else {
             return;
         };
-        if let Some(OutKind::Broadcast(addr, _)) = old.outgoing.map(|o| o.kind) {
-            addr.do_send(Cancel);
+        if let Some(out) = old.outgoing {
+            self.cancel(out);
         }
         if let Some(s) = old.session {
             s.do_send(CloseSession {
@@ -1100,9 +1210,7 @@ impl Handler<SessionClosed> for TransferSupervisor {
             });
             Self::save_checkpoint(&self.shared, msg.peer, &out, acked, TransferState::Running);
             self.resume.insert(msg.peer, (out.transfer, out.attempt));
-            if let OutKind::Broadcast(addr, _) = out.kind {
-                addr.do_send(Cancel);
-            }
+            self.cancel(out);
         }
     }
 }
@@ -1159,6 +1267,17 @@ impl Handler<PeerWatermarks> for TransferSupervisor {
     }
 }
 
+impl Handler<RepairWanted> for TransferSupervisor {
+    type Result = ();
+    fn handle(&mut self, msg: RepairWanted, ctx: &mut Context<Self>) {
+        let Some(st) = self.session_state(msg.peer, msg.generation) else {
+            return;
+        };
+        st.repair_wanted = Some(msg.claim);
+        self.pump(msg.peer, ctx);
+    }
+}
+
 impl Handler<AckReceived> for TransferSupervisor {
     type Result = ();
     fn handle(&mut self, msg: AckReceived, _: &mut Context<Self>) {
@@ -1174,6 +1293,9 @@ impl Handler<AckReceived> for TransferSupervisor {
             (Some(out), held) => st.holds_of_me = Some(advance(held, out.index_id, msg.last)),
             (None, Some(h)) => st.holds_of_me = Some(advance(Some(h), h.index_id, msg.last)),
             (None, None) => {}
+        }
+        if let Some(inbox) = self.shared.repairs.get(&msg.transfer) {
+            let _ = inbox.try_send(crate::repair::RepairInbound::Ack(msg.last));
         }
         // Caught up with this device's records: compare digests.
         if st.told.is_some() && st.holds_of_me == st.told {

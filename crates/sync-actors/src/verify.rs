@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sync_core::digest::{OwnerDigest, SignedStatement, Verification};
+use sync_core::digest::{DigestStatement, OwnerDigest, SignedStatement, Verification};
 use sync_core::{DeviceId, Message};
 use sync_net::ConnWriter;
 
@@ -39,6 +39,8 @@ struct State {
     results: HashMap<(DeviceId, DeviceId), Verification>,
     /// Per peer: when `Digests` were last sent, and whether one more is due.
     sent: HashMap<DeviceId, (Instant, bool)>,
+    /// The last statement this device signed of its own records, and when.
+    signed: Option<(SignedStatement, Instant)>,
 }
 
 impl Verifications {
@@ -147,10 +149,75 @@ pub(crate) async fn digests_message(shared: &Shared) -> Result<Message, EngineEr
     Ok(Message::Digests { claims, statement })
 }
 
-/// The signed statement of this device's own digest (none yet: signing
-/// arrives with the owner-signed statements).
-fn own_statement(_shared: &Shared, _own: Option<&OwnerDigest>) -> Option<SignedStatement> {
-    None
+/// The least time between two signatures of this device's own digest:
+/// a statement is signed when the digest moved, at most this often (the
+/// last one goes out meanwhile; the next `Digests` carries the newer).
+pub(crate) const SIGN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The signed statement of this device's own digest: re-signed when it
+/// moved, at most every [`SIGN_INTERVAL`].
+fn own_statement(shared: &Shared, own: Option<&OwnerDigest>) -> Option<SignedStatement> {
+    let own = own?;
+    let statement = DigestStatement {
+        library: shared.net.library,
+        owner: own.owner,
+        index_id: own.watermark.index_id,
+        seq: own.watermark.seq,
+        records: own.records,
+        digest: own.digest,
+    };
+    let mut st = shared.verify.state();
+    match &st.signed {
+        Some((s, _)) if s.statement == statement => return Some(s.clone()),
+        Some((s, at)) if at.elapsed() < SIGN_INTERVAL => return Some(s.clone()),
+        _ => {}
+    }
+    match shared.net.identity.sign_statement(statement) {
+        Ok(signed) => {
+            st.signed = Some((signed.clone(), Instant::now()));
+            Some(signed)
+        }
+        Err(e) => {
+            tracing::warn!(cause = %e, "digest statement not signed");
+            st.signed.as_ref().map(|(s, _)| s.clone())
+        }
+    }
+}
+
+/// Checks a peer's signed statement about its own records against its
+/// pinned certificate and against its claim in the same message, and
+/// keeps it. A forged or contradicting statement is the peer's error.
+pub(crate) async fn on_statement(
+    shared: &Shared,
+    peer: DeviceId,
+    claims: &[OwnerDigest],
+    signed: SignedStatement,
+) -> Result<(), String> {
+    let s = signed.statement;
+    if s.owner != peer {
+        return Err(format!(
+            "a statement signed for {}, not by the peer itself",
+            s.owner.fmt_short()
+        ));
+    }
+    shared
+        .net
+        .trust
+        .verify_statement_pinned(&signed, shared.net.library)
+        .map_err(|e| format!("digest statement refused: {e}"))?;
+    let contradicts = claims.iter().any(|c| {
+        c.owner == peer
+            && c.watermark == sync_core::Watermark::new(s.index_id, s.seq)
+            && (c.digest != s.digest || c.records != s.records)
+    });
+    if contradicts {
+        return Err("a claim that contradicts the peer's own signed statement".into());
+    }
+    let bytes = postcard::to_allocvec(&signed).map_err(|e| e.to_string())?;
+    if let Err(e) = shared.store.save_statement(peer, s.seq, &bytes).await {
+        tracing::warn!(peer = %peer.fmt_short(), cause = %e, "statement not kept");
+    }
+    Ok(())
 }
 
 /// What a peer's `Digests` told this device.

@@ -70,6 +70,10 @@ pub enum ErrorCode {
     Shutdown,
     /// Too many connections.
     Busy,
+    /// A signed digest statement failed verification, was signed by
+    /// another device than its sender claims, or contradicts the sender's
+    /// own claim.
+    BadStatement,
 }
 
 /// One message of the sync protocol.
@@ -220,11 +224,51 @@ pub enum Message {
         /// The sender's signed statement about its own records.
         statement: Option<crate::digest::SignedStatement>,
     },
+    /// A reconciliation round about `owner`'s records (the sender's own),
+    /// from seq 0 to `upto`: the receiver answers with `ReconReply`.
+    ReconRequest {
+        /// The repair this round belongs to.
+        transfer: TransferId,
+        /// Whose records (the sender's own).
+        owner: DeviceId,
+        /// The owner's current IndexId.
+        index_id: IndexId,
+        /// The last seq of the span both sides reconcile.
+        upto: Seq,
+        /// The ranges and fingerprints.
+        round: crate::reconcile::ReconMessage,
+    },
+    /// The receiver's answer to a `ReconRequest`.
+    ReconReply {
+        /// The repair.
+        transfer: TransferId,
+        /// The ranges and fingerprints.
+        round: crate::reconcile::ReconMessage,
+    },
+    /// The records the receiver's copy of the sender's records lacks, the
+    /// seqs of those it holds and must drop, and the claim its copy must
+    /// then match exactly: committed in one transaction only if it does,
+    /// and acknowledged with `BatchAck` (the receiver's watermark either way).
+    RepairBatch {
+        /// The repair.
+        transfer: TransferId,
+        /// The sender's own records as they are: watermark, count, digest.
+        claim: crate::digest::OwnerDigest,
+        /// Seqs the receiver holds that the sender does not, at most
+        /// [`crate::records::BatchLimits`]' default record count.
+        #[serde(deserialize_with = "repair_seqs")]
+        extra: Vec<Seq>,
+        /// Records in `payload`.
+        count: u32,
+        /// The records (`records::encode_records`).
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
 }
 
 impl Message {
     /// Number of variants: tags at or above it are unknown.
-    pub const VARIANT_COUNT: u32 = 13;
+    pub const VARIANT_COUNT: u32 = 16;
 
     /// The wire tag of [`Message::Watermarks`].
     pub(crate) const WATERMARKS_TAG: u32 = 1;
@@ -239,6 +283,13 @@ impl Message {
             }
             Message::Digests { claims, .. } if claims.len() > MAX_OWNERS => {
                 Some(too_many_owners(claims.len() as u64))
+            }
+            Message::RepairBatch { extra, .. } if extra.len() > MAX_REPAIR_SEQS => Some(format!(
+                "a repair dropping {} records exceeds the maximum of {MAX_REPAIR_SEQS}",
+                extra.len()
+            )),
+            Message::ReconRequest { round, .. } | Message::ReconReply { round, .. } => {
+                round.over_limits().map(|e| e.to_string())
             }
             _ => None,
         }
@@ -271,6 +322,9 @@ impl Message {
             Message::Error { .. } => "error",
             Message::Keepalive => "keepalive",
             Message::Digests { .. } => "digests",
+            Message::ReconRequest { .. } => "recon_request",
+            Message::ReconReply { .. } => "recon_reply",
+            Message::RepairBatch { .. } => "repair_batch",
         }
     }
 }
@@ -287,6 +341,14 @@ fn too_many_owners(len: u64) -> String {
 /// Deserializes the `Watermarks` list, at most [`MAX_OWNERS`] entries.
 fn owners<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(DeviceId, IndexId, Seq)>, D::Error> {
     d.deserialize_seq(BoundedVec::<_, MAX_OWNERS>(PhantomData))
+}
+
+/// The most seqs a `RepairBatch` may ask to drop (the batch record limit).
+pub const MAX_REPAIR_SEQS: usize = 65_536;
+
+/// The bounded seq list of `RepairBatch`.
+fn repair_seqs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Seq>, D::Error> {
+    d.deserialize_seq(BoundedVec::<_, MAX_REPAIR_SEQS>(PhantomData))
 }
 
 /// The bounded claim list of `Digests`.

@@ -71,6 +71,11 @@ pub enum Strategy {
     Bulk,
     /// A database snapshot, then the tail by batches.
     Snapshot,
+    /// Range-based set reconciliation, then only the differing records
+    /// (chosen by the supervisor when a peer's copy differs or holds
+    /// another IndexId of mostly the same records; never by
+    /// [`choose_strategy`]).
+    Repair,
 }
 
 impl Strategy {
@@ -82,6 +87,7 @@ impl Strategy {
             Strategy::Batches => "batch",
             Strategy::Bulk => "bulk",
             Strategy::Snapshot => "snapshot",
+            Strategy::Repair => "repair",
         }
     }
 }

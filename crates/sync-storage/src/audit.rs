@@ -436,3 +436,35 @@ async fn remove_at(conn: &mut SqliteConnection, owner: DeviceId, seqs: &[Seq]) -
     }
     digest::save(conn, HashMap::from([(owner, delta)])).await
 }
+
+impl Store {
+    /// Keeps `statement` (an owner-signed digest statement, encoded by the
+    /// caller, who verified it) as the latest of `owner` unless one of a
+    /// higher seq is kept already.
+    pub async fn save_statement(&self, owner: DeviceId, seq: Seq, statement: &[u8]) -> Result<()> {
+        let _guard = self.inner.write_lock.lock().await;
+        let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO owner_statement (owner, seq, statement) VALUES (?, ?, ?) \
+             ON CONFLICT(owner) DO UPDATE SET seq = excluded.seq, statement = excluded.statement \
+             WHERE excluded.seq >= owner_statement.seq",
+        )
+        .bind(owner.to_bytes().to_vec())
+        .bind(u2i(seq.0))
+        .bind(statement.to_vec())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The latest statement kept for `owner` (see [`Store::save_statement`]).
+    pub async fn statement(&self, owner: DeviceId) -> Result<Option<Vec<u8>>> {
+        let mut conn = self.inner.reader_pool.acquire().await.map_err(db_err)?;
+        sqlx::query_scalar("SELECT statement FROM owner_statement WHERE owner = ?")
+            .bind(owner.to_bytes().to_vec())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_err)
+    }
+}
