@@ -21,6 +21,7 @@ mod id;
 pub mod message;
 pub mod model;
 pub mod names;
+pub mod reconcile;
 pub mod records;
 mod strategy;
 pub mod synthetic;
