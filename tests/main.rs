@@ -19,3 +19,4 @@ mod restore;
 mod simulation;
 mod strategies;
 mod tidy;
+mod verify;

@@ -320,10 +320,7 @@ async fn decode_counted(count: u32, payload: Vec<u8>) -> Result<Vec<Record>, Ref
     if records.len() as u64 != u64::from(count) {
         return Err(Refusal {
             code: ErrorCode::Malformed,
-            message: format!(
-                "batch declares {count} records but holds {}",
-                records.len()
-            ),
+            message: format!("batch declares {count} records but holds {}", records.len()),
         });
     }
     Ok(records)

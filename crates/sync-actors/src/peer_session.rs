@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
-use sync_core::untrusted::for_log;
 use sync_core::reconcile::{ReconMessage, Reconciler, Role, View};
+use sync_core::untrusted::for_log;
 use sync_core::{DeviceId, ErrorCode, Message as Wire, Seq, TransferId};
 use sync_net::{ConnReader, ConnWriter, NetError, PeerInfo};
 use sync_storage::SnapshotOfferInfo;
@@ -21,8 +21,7 @@ use crate::shared::SharedRef;
 use crate::snapshot_exporter::{ServeChunks, SnapshotExporter};
 use crate::supervisor::{
     AckReceived, FetchReceived, PeerWatermarks, RepairWanted, SessionClosed, SessionOpened,
-    SessionOrigin,
-    TransferSupervisor,
+    SessionOrigin, TransferSupervisor,
 };
 
 /// The job receiving the peer's records ended (`cause` is `None` when it

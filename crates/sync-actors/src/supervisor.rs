@@ -17,11 +17,11 @@ use std::time::Instant;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sync_core::digest::{OwnerDigest, Verification};
 use sync_core::{
     DeviceId, IndexId, Message as Wire, PeerHolding, Seq, Strategy, TransferId, Watermark,
     choose_strategy,
 };
-use sync_core::digest::{OwnerDigest, Verification};
 use sync_net::{ConnWriter, PeerInfo};
 use sync_storage::{Checkpoint, TransferState};
 use tracing::{debug, info, warn};
@@ -260,7 +260,10 @@ impl Failure {
 
 enum OutKind {
     Broadcast(Addr<BatchBroadcaster>, Pace),
-    Snapshot { max_seq: Seq, index_id: IndexId },
+    Snapshot {
+        max_seq: Seq,
+        index_id: IndexId,
+    },
     /// A repair task (`repair.rs`); its inbox is in `Shared::repairs`.
     Repair,
 }
@@ -607,8 +610,7 @@ impl TransferSupervisor {
         if st.repair_wanted.is_some() {
             return true;
         }
-        holding == PeerHolding::OtherIndex
-            && claim.is_some_and(|c| c.records >= REPAIR_MIN_RECORDS)
+        holding == PeerHolding::OtherIndex && claim.is_some_and(|c| c.records >= REPAIR_MIN_RECORDS)
     }
 
     /// Starts a repair of the peer's copy of this device's records.

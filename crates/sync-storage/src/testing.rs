@@ -1,5 +1,6 @@
 //! Test support (feature `test-utils`): a small real filesystem that fills
-//! up, for the disk-full tests of this crate and of the workspace.
+//! up, for the disk-full tests of this crate and of the workspace; and a
+//! write to a library file from outside the engine.
 
 use std::path::Path;
 
@@ -65,4 +66,21 @@ impl Drop for SmallDisk {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// Runs `sql` on the library file at `db_path` through a plain connection
+/// of its own, as another program would (the `sqlite3` shell): none of the
+/// engine's connection state, none of its temp triggers.
+pub async fn write_outside(db_path: &Path, sql: &str) -> crate::Result<u64> {
+    use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db_path)
+        .busy_timeout(std::time::Duration::from_secs(30));
+    let mut conn = opts.connect().await.map_err(crate::bulk::db_err)?;
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut conn)
+        .await
+        .map_err(crate::bulk::db_err)?;
+    conn.close().await.map_err(crate::bulk::db_err)?;
+    Ok(done.rows_affected())
 }
