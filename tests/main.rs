@@ -7,6 +7,7 @@ mod crash;
 mod dialing;
 mod disk_full;
 mod faults;
+mod gc;
 mod given_up;
 mod harness;
 mod hostile;

@@ -32,6 +32,11 @@ pub struct EngineConfig {
     pub retry_after_giving_up: Duration,
     /// Fault injection for tests.
     pub faults: Faults,
+    /// Tombstones of this device's records younger than this are kept
+    /// (default 30 days), whatever its peers acknowledged.
+    pub tombstone_horizon: Duration,
+    /// How often tombstones are collected (default one hour).
+    pub gc_interval: Duration,
 }
 
 /// Faults injected on purpose, for tests of the supervisor.
@@ -56,6 +61,8 @@ impl EngineConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             retry_after_giving_up: Duration::from_secs(60),
+            tombstone_horizon: Duration::from_secs(30 * 24 * 3600),
+            gc_interval: Duration::from_secs(3600),
             faults: Faults::default(),
         }
     }

@@ -388,6 +388,17 @@ impl SyncEngine {
             .map_err(|_| EngineError::Shutdown)
     }
 
+    /// Collects this device's tombstones now (the engine also does every
+    /// `EngineConfig::gc_interval`): those older than the horizon and
+    /// acknowledged by every trusted peer known to hold them. Peers follow.
+    pub async fn collect_tombstones(&self) -> Result<crate::gc::Collected, EngineError> {
+        self.actors()
+            .supervisor
+            .send(crate::supervisor::CollectTombstones)
+            .await
+            .map_err(|_| EngineError::Shutdown)?
+    }
+
     /// Everything: owners with fingerprints (reads every record) and peers.
     pub async fn status(&self) -> Result<EngineStatus, EngineError> {
         let store = self.store();

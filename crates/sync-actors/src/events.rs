@@ -138,6 +138,17 @@ pub enum SyncEvent {
         /// Records the rows hold.
         actual_records: u64,
     },
+    /// Tombstones of an owner were collected up to a seq: this device's own
+    /// (older than the horizon, acknowledged by every peer holding them),
+    /// or a peer's, following the point its owner announced.
+    TombstonesCollected {
+        /// Whose records.
+        owner: DeviceId,
+        /// The collection point.
+        upto: Seq,
+        /// Tombstones dropped.
+        dropped: u64,
+    },
     /// A transfer started.
     TransferStarted {
         /// Transfer id.

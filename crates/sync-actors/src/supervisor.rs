@@ -339,6 +339,20 @@ impl PeerState {
 }
 
 /// What a peer holds after acknowledging `last` of sequence `index_id`.
+/// Keeps what `peer` acknowledged of this device's records, for
+/// tombstone collection (in the background; a lost write only delays it).
+fn save_peer_holds(shared: &SharedRef, peer: DeviceId, held: Option<Watermark>) {
+    let Some(held) = held else {
+        return;
+    };
+    let store = shared.store.clone();
+    actix_rt::spawn(async move {
+        if let Err(e) = store.save_peer_holds(peer, held).await {
+            warn!(peer = %peer.fmt_short(), cause = %e, "acknowledged watermark not kept");
+        }
+    });
+}
+
 fn advance(held: Option<Watermark>, index_id: IndexId, last: Seq) -> Watermark {
     match held {
         Some(h) if h.index_id == index_id => Watermark::new(index_id, h.seq.max(last)),
@@ -469,7 +483,19 @@ impl TransferSupervisor {
                 } else {
                     0
                 };
-                Ok::<_, EngineError>((local, holding, pending))
+                // Behind this device's tombstone collection point: the
+                // deletes it has not seen are gone, only a repair tells it.
+                let pruned = shared
+                    .store
+                    .owner_digest(shared.me())
+                    .await?
+                    .map_or(Seq::ZERO, |d| d.pruned);
+                let behind_collection =
+                    matches!(holding, PeerHolding::UpTo(held) if held < pruned);
+                if behind_collection {
+                    info!(peer = %peer.fmt_short(), held = start.0, pruned = pruned.0, "peer behind the tombstone collection point");
+                }
+                Ok::<_, EngineError>((local, holding, pending, behind_collection))
             }
             .into_actor(self)
             .map(move |res, act, ctx| {
@@ -477,10 +503,13 @@ impl TransferSupervisor {
                 let me = act.shared.me();
                 let live = act.session_state(peer, generation).is_some();
                 let repair = match &res {
-                    Ok((local, PeerHolding::UpTo(held), _)) if *held > local.seq => false,
-                    Ok((_, holding, _)) => live && act.repair_due(peer, *holding),
+                    Ok((local, PeerHolding::UpTo(held), _, _)) if *held > local.seq => false,
+                    Ok((_, holding, _, behind)) => {
+                        live && act.repair_due(peer, *holding, *behind)
+                    }
                     Err(_) => false,
                 };
+                let res = res.map(|(local, holding, pending, _)| (local, holding, pending));
                 let Some(st) = act.session_state(peer, generation) else {
                     return;
                 };
@@ -593,9 +622,15 @@ impl TransferSupervisor {
     }
 
     /// Whether the next transfer to `peer` is a repair: its copy of this
-    /// device's records differs from them, or holds another IndexId of
-    /// enough records that reconciling beats a resend.
-    fn repair_due(&mut self, peer: DeviceId, holding: PeerHolding) -> bool {
+    /// device's records differs from them, holds another IndexId of enough
+    /// records that reconciling beats a resend, or is behind this device's
+    /// tombstone collection point (deletes it never saw are gone).
+    fn repair_due(
+        &mut self,
+        peer: DeviceId,
+        holding: PeerHolding,
+        behind_collection: bool,
+    ) -> bool {
         let me = self.shared.me();
         let claim = self.shared.verify.claim(peer, me);
         let Some(st) = self.peers.get_mut(&peer) else {
@@ -607,7 +642,7 @@ impl TransferSupervisor {
             }
             return false;
         }
-        if st.repair_wanted.is_some() {
+        if st.repair_wanted.is_some() || (behind_collection && claim.is_some()) {
             return true;
         }
         holding == PeerHolding::OtherIndex && claim.is_some_and(|c| c.records >= REPAIR_MIN_RECORDS)
@@ -625,6 +660,7 @@ impl TransferSupervisor {
             .take()
             .or_else(|| self.shared.verify.claim(peer, me));
         let Some(claim) = claim else {
+            warn!(peer = %peer.fmt_short(), "a repair without the peer's digests: not started");
             return;
         };
         st.repairs += 1;
@@ -979,6 +1015,10 @@ impl Actor for TransferSupervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.shared.config.gc_interval, |act, ctx| {
+            ctx.notify(CollectTombstones);
+            let _ = act;
+        });
         ctx.run_interval(LOCAL_POLL, |act, ctx| {
             let committing = act
                 .shared
@@ -1198,6 +1238,7 @@ impl Handler<SessionClosed> for TransferSupervisor {
             return;
         };
         self.shared.verify.forget(msg.peer);
+        save_peer_holds(&self.shared, msg.peer, st.holds_of_me);
         self.publish_connected();
         if let Some(out) = st.outgoing {
             let acked = st.holds_of_me.map(|w| w.seq).unwrap_or(Seq::ZERO);
@@ -1266,6 +1307,33 @@ impl Handler<PeerWatermarks> for TransferSupervisor {
             );
         }
         self.pump(msg.peer, ctx);
+    }
+}
+
+/// Collect this device's tombstones now, then tell every peer the new
+/// collection point (their `Digests` follow it).
+#[derive(Message)]
+#[rtype(result = "Result<crate::gc::Collected, EngineError>")]
+pub(crate) struct CollectTombstones;
+
+impl Handler<CollectTombstones> for TransferSupervisor {
+    type Result = ResponseFuture<Result<crate::gc::Collected, EngineError>>;
+    fn handle(&mut self, _: CollectTombstones, _: &mut Context<Self>) -> Self::Result {
+        let shared = self.shared.clone();
+        let peers: Vec<(DeviceId, ConnWriter)> = self
+            .peers
+            .iter()
+            .map(|(id, st)| (*id, st.writer.clone()))
+            .collect();
+        Box::pin(async move {
+            let done = crate::gc::collect(&shared).await?;
+            if done.dropped > 0 {
+                for (peer, writer) in peers {
+                    crate::verify::send_digests_soon(shared.clone(), peer, writer);
+                }
+            }
+            Ok(done)
+        })
     }
 }
 
@@ -1380,6 +1448,7 @@ impl Handler<TransferEnded> for TransferSupervisor {
                     return;
                 }
                 st.holds_of_me = Some(advance(st.holds_of_me, out.index_id, totals.acked));
+                save_peer_holds(&self.shared, msg.peer, st.holds_of_me);
                 info!(
                     peer = %msg.peer.fmt_short(),
                     transfer = %out.transfer.fmt_short(),

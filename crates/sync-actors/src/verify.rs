@@ -165,6 +165,7 @@ fn own_statement(shared: &Shared, own: Option<&OwnerDigest>) -> Option<SignedSta
         seq: own.watermark.seq,
         records: own.records,
         digest: own.digest,
+        pruned: own.pruned,
     };
     let mut st = shared.verify.state();
     match &st.signed {
@@ -220,6 +221,38 @@ pub(crate) async fn on_statement(
     Ok(())
 }
 
+/// Drops the peer's own tombstones up to the collection point its claim
+/// announces, if this device's copy of the same IndexId has not yet: the
+/// two digests then cover the same records. Only tombstones go.
+async fn follow_collection(
+    shared: &Shared,
+    peer: DeviceId,
+    claims: &[OwnerDigest],
+) -> Result<(), EngineError> {
+    let Some(theirs) = claims.iter().find(|c| c.owner == peer) else {
+        return Ok(());
+    };
+    let Some(mine) = shared.store.owner_digest(peer).await? else {
+        return Ok(());
+    };
+    if mine.watermark.index_id != theirs.watermark.index_id || theirs.pruned <= mine.pruned {
+        return Ok(());
+    }
+    // Never past what this copy holds: beyond it, the deletes it has not
+    // heard of come first (or a repair, if they were collected).
+    let upto = theirs.pruned.min(mine.watermark.seq);
+    if upto <= mine.pruned {
+        return Ok(());
+    }
+    let dropped = shared.store.prune_tombstones(peer, upto).await?;
+    shared.emit(SyncEvent::TombstonesCollected {
+        owner: peer,
+        upto,
+        dropped,
+    });
+    Ok(())
+}
+
 /// What a peer's `Digests` told this device.
 pub(crate) struct Compared {
     /// The peer's copy of this device's own records differs from them at
@@ -235,6 +268,7 @@ pub(crate) async fn on_digests(
     claims: Vec<OwnerDigest>,
 ) -> Result<Compared, EngineError> {
     let me = shared.me();
+    follow_collection(shared, peer, &claims).await?;
     let mine: HashMap<DeviceId, OwnerDigest> = shared
         .store
         .owner_digests()

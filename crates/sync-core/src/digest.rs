@@ -328,6 +328,9 @@ pub struct OwnerDigest {
     pub records: u64,
     /// The digest of exactly those records.
     pub digest: DigestId,
+    /// Tombstones with seq at or below this were collected from the copy
+    /// (the owner's collection point, followed by its replicas).
+    pub pruned: Seq,
 }
 
 /// How a replica's copy of an owner compares with a peer's copy.
@@ -418,16 +421,18 @@ pub struct DigestStatement {
     pub records: u64,
     /// The digest of those records.
     pub digest: DigestId,
+    /// The owner's tombstone collection point (see [`OwnerDigest::pruned`]).
+    pub pruned: Seq,
 }
 
 /// The domain prefix of a statement's signed bytes.
-const STATEMENT_DOMAIN: &[u8] = b"lsync digest statement v1\0";
+const STATEMENT_DOMAIN: &[u8] = b"lsync digest statement v2\0";
 
 impl DigestStatement {
     /// The exact bytes a signature covers: a domain prefix, then every
     /// field at a fixed width.
     pub fn signing_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(STATEMENT_DOMAIN.len() + 16 * 2 + 8 * 3 + 32);
+        let mut out = Vec::with_capacity(STATEMENT_DOMAIN.len() + 16 * 2 + 8 * 4 + 32);
         out.extend_from_slice(STATEMENT_DOMAIN);
         out.extend_from_slice(&self.library.to_bytes());
         out.extend_from_slice(&self.owner.to_bytes());
@@ -435,6 +440,7 @@ impl DigestStatement {
         out.extend_from_slice(&self.seq.0.to_le_bytes());
         out.extend_from_slice(&self.records.to_le_bytes());
         out.extend_from_slice(&self.digest.0);
+        out.extend_from_slice(&self.pruned.0.to_le_bytes());
         out
     }
 
@@ -445,6 +451,7 @@ impl DigestStatement {
             watermark: Watermark::new(self.index_id, self.seq),
             records: self.records,
             digest: self.digest,
+            pruned: self.pruned,
         }
     }
 }

@@ -19,6 +19,7 @@ fn statement(owner: DeviceId, library: LibraryId) -> DigestStatement {
         seq: Seq(42),
         records: 40,
         digest: DigestId([0x5a; 32]),
+        pruned: Seq(3),
     }
 }
 
@@ -86,13 +87,14 @@ fn every_field_changed_after_signing_fails_with_bad_signature() {
     let (a, library) = (device(), LibraryId::new_v7());
     let original = signed(&a, library);
     let (other_owner, other_library) = (DeviceId::new_v7(), LibraryId::new_v7());
-    let changes: [(&str, Change); 6] = [
+    let changes: [(&str, Change); 7] = [
         ("library", |s, _, l| s.library = l),
         ("owner", |s, o, _| s.owner = o),
         ("index_id", |s, _, _| s.index_id.0 ^= 1),
         ("seq", |s, _, _| s.seq.0 += 1),
         ("records", |s, _, _| s.records -= 1),
         ("digest", |s, _, _| s.digest.0[31] ^= 0x80),
+        ("pruned", |s, _, _| s.pruned.0 += 1),
     ];
     for (field, change) in changes {
         let mut s = original.clone();

@@ -217,10 +217,12 @@ impl Store {
     async fn store_computed(&self, owner: DeviceId, c: &Computed) -> Result<()> {
         let mut conn = self.inner.writer_pool.acquire().await.map_err(db_err)?;
         let mut txn = conn.begin().await.map_err(db_err)?;
+        let pruned = digest::pruned(&mut txn, owner).await?;
         digest::clear_owner(&mut txn, owner).await?;
         let mut delta = DigestDelta::default();
         delta.set(c.lthash.clone(), c.records, c.buckets.clone());
         digest::save(&mut txn, HashMap::from([(owner, delta)])).await?;
+        digest::set_pruned(&mut txn, owner, pruned).await?;
         txn.commit().await.map_err(db_err)?;
         Ok(())
     }

@@ -380,7 +380,13 @@ pub(crate) async fn clear_owner(conn: &mut SqliteConnection, owner: DeviceId) ->
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;
-    write_digest(conn, owner, &LtHash::new(), 0).await
+    write_digest(conn, owner, &LtHash::new(), 0).await?;
+    sqlx::query("UPDATE owner_digest SET pruned = 0 WHERE owner = ?")
+        .bind(owner.to_bytes().to_vec())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }
 
 /// The digest summary of an owner as stored, with its watermark, in the
@@ -398,5 +404,31 @@ pub(crate) async fn owner_digest(
         watermark: state.watermark,
         records: i2u(records),
         digest: lthash.id(),
+        pruned: pruned(conn, owner).await?,
     }))
+}
+
+/// The tombstone collection point of an owner's copy (0 if none).
+pub(crate) async fn pruned(conn: &mut SqliteConnection, owner: DeviceId) -> Result<Seq> {
+    let v: Option<i64> = sqlx::query_scalar("SELECT pruned FROM owner_digest WHERE owner = ?")
+        .bind(owner.to_bytes().to_vec())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(Seq(v.map_or(0, i2u)))
+}
+
+/// Raises an owner's collection point (never lowers it).
+pub(crate) async fn set_pruned(
+    conn: &mut SqliteConnection,
+    owner: DeviceId,
+    upto: Seq,
+) -> Result<()> {
+    sqlx::query("UPDATE owner_digest SET pruned = max(pruned, ?) WHERE owner = ?")
+        .bind(u2i(upto.0))
+        .bind(owner.to_bytes().to_vec())
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
 }

@@ -25,6 +25,18 @@ fn expected(owner: DeviceId, w: Watermark, records: &[Record]) -> OwnerDigest {
         watermark: w,
         records: records.len() as u64,
         digest: h.id(),
+        pruned: Seq(0),
+    }
+}
+
+trait WithPruned {
+    fn with_pruned(self, pruned: Seq) -> Self;
+}
+
+impl WithPruned for OwnerDigest {
+    fn with_pruned(mut self, pruned: Seq) -> Self {
+        self.pruned = pruned;
+        self
     }
 }
 
@@ -412,4 +424,77 @@ async fn a_repair_of_this_devices_own_records_is_refused() {
     let claim = s.owner_digest(me).await.unwrap().unwrap();
     let err = s.apply_repair(claim, &[], vec![]).await.unwrap_err();
     assert!(matches!(err, StorageError::LocalOwner { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn collecting_tombstones_drops_only_tombstones_and_keeps_the_digest_exact() {
+    let dir = TempDir::new().unwrap();
+    let (s, me) = device(&dir, "s").await;
+    let loc = location(me, 0);
+    let mut changes = vec![LocalChange::Location(loc.clone())];
+    let ents: Vec<_> = (0..3000).map(|i| entry(loc.id, i, 0)).collect();
+    changes.extend(ents.iter().cloned().map(LocalChange::Entry));
+    s.commit_local(me, changes).await.unwrap();
+    let deletes = s
+        .commit_local(
+            me,
+            ents[..1200]
+                .iter()
+                .map(|e| LocalChange::DeleteEntry(e.id))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let before = s.summary(me).await.unwrap();
+    assert_eq!(before.tombstones, 1200);
+    // Up to the middle of the deletes: only those below it go.
+    let mid = Seq(deletes.first.0 + 499);
+    assert_eq!(s.prune_tombstones(me, mid).await.unwrap(), 500);
+    let after = s.summary(me).await.unwrap();
+    assert_eq!((after.entries, after.tombstones), (before.entries, 700));
+    let d = s.owner_digest(me).await.unwrap().unwrap();
+    assert_eq!(d.pruned, mid);
+    assert_eq!(
+        d,
+        expected(me, d.watermark, &all(&s, me).await).with_pruned(mid)
+    );
+    assert_exact(&s, me).await;
+    // Again up to the end: the rest; a lower point never lowers it.
+    assert_eq!(s.prune_tombstones(me, deletes.last).await.unwrap(), 700);
+    assert_eq!(s.prune_tombstones(me, Seq(1)).await.unwrap(), 0);
+    assert_eq!(
+        s.owner_digest(me).await.unwrap().unwrap().pruned,
+        deletes.last
+    );
+    assert_eq!(s.summary(me).await.unwrap().entries, 1800);
+    assert_exact(&s, me).await;
+}
+
+#[tokio::test]
+async fn local_seqs_are_dated_by_minute_and_peer_holds_are_kept() {
+    let dir = TempDir::new().unwrap();
+    let (s, me) = device(&dir, "s").await;
+    let loc = location(me, 0);
+    let r = s
+        .commit_local(me, vec![LocalChange::Location(loc)])
+        .await
+        .unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::minutes(2);
+    assert_eq!(s.local_seq_before(later).await.unwrap(), r.last);
+    assert_eq!(
+        s.local_seq_before(chrono::Utc::now() - chrono::Duration::minutes(2))
+            .await
+            .unwrap(),
+        Seq(0)
+    );
+    let peer = DeviceId::new_v7();
+    let w = Watermark::new(IndexId(3), Seq(9));
+    s.save_peer_holds(peer, w).await.unwrap();
+    s.save_peer_holds(peer, Watermark::new(IndexId(3), Seq(12)))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.peer_holds().await.unwrap()[&peer],
+        Watermark::new(IndexId(3), Seq(12))
+    );
 }

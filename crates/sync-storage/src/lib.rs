@@ -23,6 +23,7 @@ mod bulk;
 mod checkpoint;
 mod digest;
 mod error;
+mod gc;
 mod import;
 mod lock;
 mod migration;

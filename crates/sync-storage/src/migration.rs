@@ -119,6 +119,9 @@ impl MigrationTrait for M0001Initial {
 
 /// Per-owner content digests and range fingerprints (see `digest.rs`);
 /// the rows of a library made before it are digested when it is opened.
+/// Also what tombstone collection needs: the local seq reached by each
+/// minute (`seq_time`, the age of a seq) and what each peer acknowledged
+/// of this device's records (`peer_holds`).
 struct M0002Digests;
 
 impl MigrationName for M0002Digests {
@@ -132,7 +135,18 @@ const DIGESTS: &[&str] = &[
     "CREATE TABLE owner_digest (
         owner BLOB PRIMARY KEY NOT NULL CHECK (length(owner) = 16),
         lthash BLOB NOT NULL CHECK (length(lthash) = 2048),
-        records INTEGER NOT NULL CHECK (records >= 0)
+        records INTEGER NOT NULL CHECK (records >= 0),
+        pruned INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID",
+    "CREATE TABLE seq_time (
+        minute INTEGER PRIMARY KEY NOT NULL,
+        seq INTEGER NOT NULL
+    )",
+    "CREATE TABLE peer_holds (
+        peer BLOB PRIMARY KEY NOT NULL CHECK (length(peer) = 16),
+        index_id INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
     ) WITHOUT ROWID",
     "CREATE TABLE recon_bucket (
         owner BLOB NOT NULL CHECK (length(owner) = 16),

@@ -228,6 +228,7 @@ async fn commit_local_tx(
     digest::apply_updates(&mut deltas, digest::take_changed(&mut txn).await?);
     digest::save(&mut txn, deltas).await?;
     set_local_seq(&mut txn, owner, seq).await?;
+    crate::gc::note_local_seq(&mut txn, seq).await?;
     txn.commit().await.map_err(db_err)?;
     sync_core::crash_point("commit.txn");
     Ok(SeqRange {

@@ -62,7 +62,8 @@ fn every_replicated_field_changes_the_element() {
         h.id()
     };
     let b = id(&base);
-    let variants: Vec<Box<dyn Fn(&mut Entry)>> = vec![
+    type Change = Box<dyn Fn(&mut Entry)>;
+    let variants: Vec<Change> = vec![
         Box::new(|e| e.id = EntryId::from_bytes([4; 16])),
         Box::new(|e| e.location = LocationId::from_bytes([4; 16])),
         Box::new(|e| e.parent = None),
@@ -153,6 +154,7 @@ fn comparison_names_each_state() {
         watermark: Watermark::new(idx, Seq(seq)),
         records: seq,
         digest: DigestId([digest; 32]),
+        pruned: Seq(0),
     };
     assert_eq!(
         Verification::of(&d(4, 1), &d(4, 1)),
@@ -190,6 +192,7 @@ fn every_statement_field_is_signed() {
         seq: Seq(4),
         records: 5,
         digest: DigestId([6; 32]),
+        pruned: Seq(2),
     };
     let base = s.signing_bytes();
     let mut v = s;
@@ -209,6 +212,9 @@ fn every_statement_field_is_signed() {
     assert_ne!(v.signing_bytes(), base);
     let mut v = s;
     v.digest = DigestId([9; 32]);
+    assert_ne!(v.signing_bytes(), base);
+    let mut v = s;
+    v.pruned = Seq(9);
     assert_ne!(v.signing_bytes(), base);
 }
 
