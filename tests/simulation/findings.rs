@@ -57,8 +57,12 @@ async fn a_receiver_midway_through_a_transfer_is_not_synced() {
         }
         if held > Seq::ZERO {
             partial += 1;
+            let synced = a.engine.synced_with(b.id).await.unwrap();
+            // The claim is read after `held`: the transfer may have ended
+            // in between (seen under load), which makes it true.
+            let now = a.store().watermark(b.id).await.unwrap().map(|w| w.seq);
             assert!(
-                !a.engine.synced_with(b.id).await.unwrap(),
+                !synced || now.is_some_and(|s| s >= last),
                 "synced_with(owner) is true while holding {held} of its {last}"
             );
         }

@@ -164,7 +164,15 @@ fn assert_same_owner_state(pair: &Pair) {
     let on_b = owner_status(&pair.b, &pair.a_id);
     assert_eq!(on_a["local"], true);
     assert_eq!(on_b["local"], false);
-    for field in ["fingerprint", "entries", "tombstones", "seq", "index_id"] {
+    for field in [
+        "fingerprint",
+        "digest",
+        "records",
+        "entries",
+        "tombstones",
+        "seq",
+        "index_id",
+    ] {
         assert_eq!(
             on_a[field], on_b[field],
             "{field} differs: {on_a} vs {on_b}"
@@ -907,6 +915,50 @@ fn commands_reach_the_serving_engine_and_a_second_engine_is_refused() {
     let again = ok_json(&pair.a, &["index", &tree_arg, "--json"]);
     assert_eq!(again["created"], 0, "{again}");
     assert_eq!(again["entries"], 128, "{again}");
+}
+
+/// Issue 14: while a session is up, `status` on either side says how the
+/// peer's copies compare, verified by content digests.
+#[test]
+fn status_shows_copies_verified_identical_with_a_connected_peer() {
+    let pair = pair();
+    ok_json(
+        &pair.a,
+        &["generate", "--entries", "3000", "--seed", "4", "--json"],
+    );
+    ok_json(
+        &pair.b,
+        &["generate", "--entries", "50", "--seed", "5", "--json"],
+    );
+    let addr = free_addr();
+    let _server = serve(&pair.a, &addr);
+    let connect = spawn_cmd(&pair.b, &["connect", &addr]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = ok(&pair.a, &["status"]);
+        if text.contains("my records: verified identical at 3001")
+            && text.contains("its records: verified identical at 51")
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "never verified:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let digest_of = |data: &Path, owner: &str| owner_status(data, owner)["digest"].clone();
+    assert!(
+        text.contains(&digest_of(&pair.a, &pair.a_id).as_str().unwrap()[..16]),
+        "{text}"
+    );
+    let json = ok_json(&pair.a, &["status", "--json"]);
+    let peer = &json["peers"][0];
+    assert!(
+        peer["verification"].to_string().contains("Identical"),
+        "{peer}"
+    );
+    let mut connect = connect;
+    connect.kill().unwrap();
+    connect.wait().unwrap();
+    assert_same_owner_state(&pair);
 }
 
 /// Bad input on the control socket: a malformed request and one longer
