@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod hostile_bytes;
 mod hostile_orders;
+mod hostile_verify;
 mod indexer;
 mod load;
 mod pairing;
