@@ -272,7 +272,9 @@ impl From<StorageError> for Refusal {
             StorageError::ForeignOwner { .. } | StorageError::LocalOwner { .. } => {
                 ErrorCode::ForeignOwner
             }
-            StorageError::BadRange { .. } => ErrorCode::Malformed,
+            StorageError::BadRange { .. } | StorageError::DuplicateRecord { .. } => {
+                ErrorCode::Malformed
+            }
             StorageError::Db(_) | StorageError::Io(_) | StorageError::DiskFull { .. } => {
                 ErrorCode::Storage
             }

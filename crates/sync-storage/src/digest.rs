@@ -194,11 +194,24 @@ fn entry_at(row: &SqliteRow, id: EntryId, k: usize) -> Result<Entry> {
 /// the upsert updated, the old version goes (a winner) or the incoming
 /// one was never stored (a loser: the pair is unchanged).
 pub(crate) fn correct_upserts(
+    owner: DeviceId,
     delta: &mut HashMap<DeviceId, DigestDelta>,
     changed: Vec<Changed>,
     incoming: impl Fn(&Record) -> Option<Record>,
 ) -> Result<()> {
     for c in changed {
+        // An id already stored under another owner: the upsert left that
+        // row alone, and the whole write is refused (its digest would
+        // count a record that is not stored).
+        if c.owner != owner {
+            return Err(StorageError::ForeignOwner {
+                owner,
+                detail: format!(
+                    "record {} is stored under another owner",
+                    hex::encode(&c.old.id_bytes()[12..])
+                ),
+            });
+        }
         let d = delta.entry(c.owner).or_default();
         if c.old.seq() == c.new.seq() {
             // Lost: the stored row kept its version; the incoming record

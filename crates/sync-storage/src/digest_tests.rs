@@ -498,3 +498,77 @@ async fn local_seqs_are_dated_by_minute_and_peer_holds_are_kept() {
         Watermark::new(IndexId(3), Seq(12))
     );
 }
+
+#[tokio::test]
+async fn an_entry_reusing_another_owners_id_is_refused_and_no_digest_moves() {
+    let dir = TempDir::new().unwrap();
+    let (s, me) = device(&dir, "s").await;
+    let loc = location(me, 0);
+    let mine = entry(loc.id, 1, 0);
+    s.commit_local(
+        me,
+        vec![LocalChange::Location(loc), LocalChange::Entry(mine.clone())],
+    )
+    .await
+    .unwrap();
+    let carol = DeviceId::new_v7();
+    let (_, carols) = batch(carol, 20);
+    s.apply_batch(carol, IndexId(1), Seq(0), Seq(21), carols.clone())
+        .await
+        .unwrap();
+    let mallory = DeviceId::new_v7();
+    let stolen = [
+        match &carols[3] {
+            Record::Entry(e) => e.id,
+            Record::Location(_) => unreachable!(),
+        },
+        mine.id,
+    ];
+    for id in stolen {
+        let (mloc, _) = batch(mallory, 0);
+        let mut e = entry(mloc.id, 9, 2);
+        e.id = id;
+        let before: Vec<_> = [me, carol, mallory]
+            .iter()
+            .map(|o| futures_free(s.owner_digest(*o)))
+            .collect();
+        let before = futures_all(before).await;
+        let err = s
+            .apply_batch(
+                mallory,
+                IndexId(2),
+                Seq(0),
+                Seq(2),
+                vec![Record::Location(mloc), Record::Entry(e)],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::ForeignOwner { .. }), "{err}");
+        let after = futures_all(
+            [me, carol, mallory]
+                .iter()
+                .map(|o| futures_free(s.owner_digest(*o)))
+                .collect(),
+        )
+        .await;
+        assert_eq!(before, after);
+    }
+    assert_eq!(s.audit_digests().await.unwrap(), vec![]);
+}
+
+type DigestFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<OwnerDigest>> + 'a>>;
+
+fn futures_free<'a>(
+    f: impl std::future::Future<Output = crate::Result<Option<OwnerDigest>>> + 'a,
+) -> DigestFuture<'a> {
+    Box::pin(async move { f.await.unwrap() })
+}
+
+async fn futures_all(fs: Vec<DigestFuture<'_>>) -> Vec<Option<OwnerDigest>> {
+    let mut out = Vec::new();
+    for f in fs {
+        out.push(f.await);
+    }
+    out
+}

@@ -348,7 +348,9 @@ async fn snapshot_rows_of_other_owners_are_refused() {
 }
 
 /// An entry id of a third owner inside the sender's snapshot never
-/// rewrites the third owner's row (upserts never cross owners).
+/// rewrites the third owner's row (upserts never cross owners), and the
+/// whole import is refused: the sender's digest would otherwise count a
+/// record that is not stored, and the third owner's lose one that is.
 #[tokio::test]
 async fn snapshot_entry_with_a_third_owners_id_leaves_it_alone() {
     let s = scene().await;
@@ -370,10 +372,16 @@ async fn snapshot_entry_with_a_third_owners_id_leaves_it_alone() {
             ),
         )
         .await;
-    offer_file(&s.b, &file, s.me, s.m.index_id, s.m.max_seq, s.m.entries)
+    let mine_before = s.b.owner_digest(s.me).await.unwrap();
+    let c_digest = s.b.owner_digest(c_owner).await.unwrap();
+    let e = offer_file(&s.b, &file, s.me, s.m.index_id, s.m.max_seq, s.m.entries)
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ForeignOwner { .. }), "{e:?}");
     assert_eq!(s.b.summary(c_owner).await.unwrap(), before);
+    assert_eq!(s.b.owner_digest(s.me).await.unwrap(), mine_before);
+    assert_eq!(s.b.owner_digest(c_owner).await.unwrap(), c_digest);
+    assert_eq!(s.b.audit_digests().await.unwrap(), vec![]);
     let held = s.b.location_entries(c_entry.location).await.unwrap();
     let kept = held.iter().find(|e| e.id == c_entry.id).unwrap();
     assert_eq!(kept, &c_entry, "the third owner's entry is untouched");

@@ -481,7 +481,7 @@ async fn upsert_with_digest(
     upsert_locations(conn, owner, locs, d).await?;
     upsert_entries(conn, owner, ents, d).await?;
     let changed = digest::take_changed(conn).await?;
-    digest::correct_upserts(deltas, changed, |old| match old {
+    digest::correct_upserts(owner, deltas, changed, |old| match old {
         Record::Entry(o) => ents
             .binary_search_by_key(&o.id, |e| e.id)
             .ok()
