@@ -474,6 +474,17 @@ impl Store {
             ],
         )
         .await?;
+        // The empty digest of its records, so that opening the library
+        // (a `status` beside a running engine) never has one to write.
+        exec(
+            &txn,
+            "INSERT OR REPLACE INTO owner_digest (owner, lthash, records, pruned) VALUES (?, ?, 0, 0)",
+            vec![
+                blob(info.device_id.to_bytes()),
+                sync_core::digest::LtHash::new().to_bytes().into(),
+            ],
+        )
+        .await?;
         txn.commit().await?;
         let _ = self.inner.device.set(info.clone());
         tracing::info!(device = %info.device_id.fmt_short(), "device created");
